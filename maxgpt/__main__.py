@@ -1,0 +1,5 @@
+import sys
+
+from maxgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,317 @@
+"""Run configuration: frozen, sectioned dataclasses loaded from YAML plus `section.key=value`.
+
+Resolution order (later wins):
+
+1. `configs/base.yaml`, which holds a value for every key (the one place defaults live);
+2. the model preset named by a file's top-level `preset:` key (`configs/models/NAME.yaml`);
+3. the `--config` file itself;
+4. command-line overrides, `section.key=value`, each type-checked against its field.
+
+Everything a user can get wrong raises `ConfigError` with a one-line message that says what
+to change; the CLI prints it as `maxgpt: error: ...` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
+PRESET_DIR = CONFIG_DIR / "models"
+
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    vocab_size: int
+    max_seq_len: int  # rows of the learned position table; an upper bound for RoPE models
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int  # == num_heads: multi-head; 1: multi-query; in between: grouped-query
+    mlp_dim: int
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+    norm_position: Literal["pre", "post"]  # post: GPT-1; pre: GPT-2 onwards
+    position: Literal["learned", "rope"]
+    rope_theta: float
+    mlp: Literal["gelu", "swiglu"]
+    use_bias: bool
+    tie_embeddings: bool
+    dropout: float
+    attention_window: int  # 0: full causal attention; W: each query sees its last W keys
+    window_pattern: Literal["all", "alternate"]  # alternate: GPT-3, odd layers banded
+    dtype: Literal["float32", "bfloat16"]  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"]  # master weights
+    remat: Literal["none", "dots", "full"]
+    init_std: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def layer_windows(self) -> list[int]:
+        """Attention window per layer; 0 means full causal attention."""
+        if self.attention_window == 0:
+            return [0] * self.num_layers
+        if self.window_pattern == "all":
+            return [self.attention_window] * self.num_layers
+        # GPT-3 (Brown et al. 2020, sec. 2.1): dense and locally banded layers alternate.
+        return [self.attention_window if i % 2 else 0 for i in range(self.num_layers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int  # -1: whatever the other axes leave of the device count
+    fsdp: int
+    tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int  # global, in sequences
+    seq_len: int
+    seed: int
+    log_every: int
+    microbatches: int  # gradient accumulation: the global batch is split into this many
+    z_loss: float  # weight of the PaLM z-loss, mean(log(Z)^2); 0 turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    min_lr_ratio: float  # final lr = lr * min_lr_ratio
+    warmup_steps: int
+    decay: Literal["cosine", "linear", "constant"]
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    clip_norm: float  # global-norm clipping; 0 turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    # Read by the checkpoint manager once it lands (issue #4); validated already so that
+    # experiment files written today keep working.
+    every: int
+    keep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    mesh: MeshConfig
+    train: TrainConfig
+    optim: OptimConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys changed: `cfg.replace(train={"steps": 5})`."""
+        merged = self.to_dict()
+        for section, values in sections.items():
+            merged[section] = {**merged[section], **values}
+        return from_dict(merged)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "mesh": MeshConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/base.yaml for all keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check `value` (from YAML or a command line string) against a field's type."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a complete {section: {key: value}} mapping."""
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if f.name not in values:
+                raise ConfigError(f"config key '{key}' has no value (configs/base.yaml sets them all)")
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], key)
+        for name in values:
+            if name not in kwargs:
+                raise _unknown_key(f"{section}.{name}")
+        sections[section] = cls(**kwargs)
+    for section in raw:
+        if section not in SECTIONS:
+            raise _unknown_key(str(section))
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, e.g. 'train: {{steps: 10}}'")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], origin: str) -> dict[str, Any]:
+    merged = {k: dict(v) for k, v in base.items()}
+    for section, values in update.items():
+        if section not in merged:
+            raise _unknown_key(str(section))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section '{section}' must be a mapping of keys to values")
+        for key, value in values.items():
+            if key not in merged[section]:
+                raise _unknown_key(f"{section}.{key}")
+            merged[section][key] = value
+    return merged
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(known)}"
+        raise ConfigError(f"unknown model preset '{name}'{hint}")
+    return path
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=100")
+    key, value = text.split("=", 1)
+    section, name = key.split(".", 1)
+    return section, name, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Resolve base.yaml <- preset <- file <- overrides into a validated Config."""
+    raw = _read_yaml(BASE_CONFIG)
+    if path is not None:
+        path = Path(path)
+        file_values = _read_yaml(path)
+        preset = file_values.pop("preset", None)
+        if preset is not None:
+            raw = _merge(raw, _read_yaml(preset_path(str(preset))), str(preset))
+        raw = _merge(raw, file_values, str(path))
+    for text in overrides:
+        section, name, value = parse_override(text)
+        raw = _merge(raw, {section: {name: value}}, "command line")
+    return from_dict(raw)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need several keys at once; single-key types are checked in _coerce."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.num_layers": m.num_layers,
+        "model.embed_dim": m.embed_dim, "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.num_kv_heads, "model.mlp_dim": m.mlp_dim,
+        "model.max_seq_len": m.max_seq_len, "train.steps": t.steps,
+        "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
+        "train.log_every": t.log_every, "train.microbatches": t.microbatches,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dim, got {m.head_dim}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.attention_window < 0:
+        raise ConfigError(f"model.attention_window must be >= 0, got {m.attention_window}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
+    for key, value in {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
+                       "mesh.tensor": cfg.mesh.tensor}.items():
+        if value == 0 or value < -1:
+            raise ConfigError(f"{key} must be a positive size or -1 (the rest), got {value}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("at most one mesh axis may be -1")

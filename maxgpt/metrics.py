@@ -1,0 +1,67 @@
+"""Where numbers go: RUN_DIR/metrics.jsonl, TensorBoard event files, and one console line.
+
+Only process 0 writes. Each train row carries at least
+`step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu, tokens_seen` (see docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe scalars: non-finite floats become null rather than invalid JSON."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_row(row: dict[str, Any], total_steps: int) -> str:
+    parts = [f"step {row['step']}/{total_steps}", f"loss {row['loss']:.4f}",
+             f"lr {row['lr']:.2e}", f"gnorm {row['grad_norm']:.3f}",
+             f"{row['tokens_per_sec']:,.0f} tok/s", f"{row['step_time_s']:.3f} s/step"]
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path | None, total_steps: int, echo: bool = True):
+        self.total_steps = total_steps
+        self.enabled = jax.process_index() == 0
+        self.echo = echo and self.enabled
+        self.file = self.tensorboard = None
+        if run_dir is not None and self.enabled:
+            from tensorboardX import SummaryWriter  # heavy import, only when writing a run
+
+            self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        row = {k: _plain(v) for k, v in row.items()}
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+        if self.echo:
+            print(format_row(row, self.total_steps), flush=True)
+
+    def info(self, text: str) -> None:
+        if self.echo:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,115 @@
+"""The decoder: one Block, stacked along a `layers` axis and scanned.
+
+Every dense member of the GPT lineage is this module with a different ModelConfig:
+
+- GPT-1: post-norm LayerNorm, learned positions, GELU, biases, tied embeddings;
+- GPT-2: the same with pre-norm and a final LayerNorm;
+- GPT-3: GPT-2 with dense and locally banded attention on alternating layers;
+- Llama 3 / Mistral: pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases,
+  untied embeddings; Mistral adds a sliding window.
+
+Blocks are created with `nnx.vmap` (parameters get a leading `layers` axis) and applied with
+`jax.lax.scan`, so compile time does not grow with depth. Dropout keys are passed in
+explicitly and derived from (seed, step) by the caller, so a step is a pure function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxgpt.config import ModelConfig
+from maxgpt.model.attention import Attention, attention_mask, window_mask
+from maxgpt.model.layers import MLP, Norm, dropout, dtype_of, normal
+from maxgpt.sharding import constrain, param
+
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.post_norm = cfg.norm_position == "post"
+        self.dropout = cfg.dropout
+
+    def __call__(self, x, mask, positions, dropout_key=None):
+        """x: (B, T, D); mask: (B, T, T) for this layer; positions: (B, T)."""
+        k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        if self.post_norm:  # GPT-1: x = LN(x + f(x))
+            x = self.attn_norm(x + dropout(self.attn(x, mask, positions), self.dropout, k_attn))
+            x = self.mlp_norm(x + dropout(self.mlp(x), self.dropout, k_mlp))
+        else:  # GPT-2 onwards: x = x + f(LN(x))
+            x = x + dropout(self.attn(self.attn_norm(x), mask, positions), self.dropout, k_attn)
+            x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
+        return constrain(x, ("batch", "seq", "embed"))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        V, D, pdt = cfg.vocab_size, cfg.embed_dim, dtype_of(cfg.param_dtype)
+        self.dtype = dtype_of(cfg.dtype)
+        self.dropout = cfg.dropout
+        self.remat = cfg.remat
+        self.windows = tuple(cfg.layer_windows())  # static: one attention window per layer
+        self.embed = param(rngs, normal(cfg.init_std), (V, D), ("vocab", "embed"), pdt)
+        self.pos_embed = (param(rngs, normal(cfg.init_std), (cfg.max_seq_len, D),
+                                ("position", "embed"), pdt)
+                          if cfg.position == "learned" else None)
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs.fork(split=cfg.num_layers))
+        # Post-norm stacks already end in a norm; pre-norm stacks need a final one.
+        self.final_norm = Norm(cfg, rngs) if cfg.norm_position == "pre" else None
+        self.lm_head = (None if cfg.tie_embeddings else
+                        param(rngs, normal(cfg.init_std), (D, V), ("embed", "vocab"), pdt))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+        """tokens, positions, segment_ids: (B, T) int. Returns logits (B, T, V) in fp32.
+
+        positions default to 0..T-1 and segment ids to one document per row; packed rows give
+        per-document positions and ids (0 marks padding), and no token attends across ids.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # (B, T, D)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        x = constrain(dropout(x, self.dropout, k_embed), ("batch", "seq", "embed"))
+        x = self._run_blocks(x, attention_mask(segment_ids), positions, k_layers)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.lm_head is None:  # tied: logits against the input embedding table
+            logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(self.dtype))
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype))
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+
+    def _run_blocks(self, x, mask, positions, dropout_key):
+        graphdef, stacked = nnx.split(self.blocks)
+        windows = jnp.asarray(self.windows, jnp.int32)  # (L,)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.windows))
+
+        def layer(x, per_layer):
+            state, window, key = per_layer
+            block = nnx.merge(graphdef, state)
+            return block(x, window_mask(mask, window), positions, key), None
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(layer, x, (stacked, windows, keys))
+        return x

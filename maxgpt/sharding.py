@@ -1,0 +1,136 @@
+"""Where things live on the device mesh: the mesh, and the ONE logical-axis -> mesh-axis table.
+
+Model code names the axes of its parameters and activations logically (`embed`, `heads`, ...).
+This file alone knows the mesh axes:
+
+- `data`:   pure data parallelism; parameters replicated.
+- `fsdp`:   data parallelism with parameters (and optimizer state) sharded along `embed`
+            (ZeRO-3 style; XLA all-gathers weights before use and reduce-scatters gradients).
+- `tensor`: Megatron-style tensor parallelism (Shoeybi et al. 2019): attention heads, MLP
+            hidden units and the vocabulary are split; one all-reduce after attention and
+            one after the MLP.
+
+A mesh is a config change (`mesh.fsdp=8`), never a code change. All use of Flax variable
+metadata is kept here so that an NNX API rename touches one file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from maxgpt.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes, tried in order. A mesh axis is used at most once per array
+# and only where it divides the dimension; otherwise that dimension stays replicated
+# (e.g. a single kv head under tensor parallelism).
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "seq": (),
+    "layers": (),
+    "norm": (),
+    "position": (),
+}
+
+
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            if num_devices % known:
+                raise ConfigError(
+                    f"mesh axes {sizes} cannot fill {num_devices} devices: "
+                    f"{known} does not divide {num_devices}")
+            sizes[axis] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        shape = "x".join(f"{a}={s}" for a, s in sizes.items())
+        raise ConfigError(
+            f"mesh {shape} has {math.prod(sizes.values())} devices but {num_devices} are "
+            f"available; make the product {num_devices} or set one axis to -1")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose axes have logical `names`."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        chosen = []
+        for axis in RULES.get(name, ()) if name else ():
+            size = mesh.shape[axis]
+            if axis in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+                chosen.append(axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
+          dtype) -> nnx.Param:
+    """A parameter tagged with logical axis names.
+
+    Flax's eager sharding is off: placement is decided once, by `param_shardings`, when the
+    whole model is initialised under jit (train.init_state), never per variable.
+    """
+    assert len(axes) == len(shape), (axes, shape)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
+                     eager_sharding=False)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
+    """NamedShardings for every parameter, as a pure dict shaped like the parameters."""
+
+    def one(var: nnx.Variable) -> NamedSharding:
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh))
+
+    return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=_is_variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches (B, T): sequences split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
+
+
+def data_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split: the product of the data-parallel mesh axes."""
+    return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
