@@ -149,7 +149,7 @@ def valid_keys() -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, valid_keys() + list(SECTIONS), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see configs/base.yaml for all keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -229,10 +229,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _merge(base: dict[str, Any], update: dict[str, Any], origin: str) -> dict[str, Any]:
     merged = {k: dict(v) for k, v in base.items()}
     for section, values in update.items():
-        if section not in merged:
-            raise _unknown_key(str(section))
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: section '{section}' must be a mapping of keys to values")
+        if section not in merged:
+            raise _unknown_key(f"{section}.{next(iter(values), '')}")
         for key, value in values.items():
             if key not in merged[section]:
                 raise _unknown_key(f"{section}.{key}")
@@ -306,9 +306,8 @@ def validate(cfg: Config) -> None:
     if t.batch_size % t.microbatches:
         raise ConfigError(
             f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}")
-    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        raise ConfigError(
-            f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     for key, value in {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
                        "mesh.tensor": cfg.mesh.tensor}.items():
         if value == 0 or value < -1:

@@ -98,7 +98,7 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
-    metrics = {"loss": nll / tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": nll / tokens, "grad_norm": optax.tree.norm(grads),
                "lr": learning_rate(cfg)(state["step"]), "tokens": tokens}
     return new_state, metrics
 

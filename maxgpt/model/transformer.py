@@ -67,7 +67,7 @@ class Transformer(nnx.Module):
         def make_blocks(rngs):
             return Block(cfg, rngs)
 
-        self.blocks = make_blocks(rngs.fork(split=cfg.num_layers))
+        self.blocks = make_blocks(rngs.split(cfg.num_layers))
         # Post-norm stacks already end in a norm; pre-norm stacks need a final one.
         self.final_norm = Norm(cfg, rngs) if cfg.norm_position == "pre" else None
         self.lm_head = (None if cfg.tie_embeddings else

@@ -1,0 +1,192 @@
+"""The decoder against naive float64 references (tests/reference.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxgpt.model import Transformer
+from maxgpt.model.attention import Attention, attention_mask, window_mask
+from maxgpt.model.layers import MLP, Norm, rope
+from tests import reference as ref
+from tests.conftest import make_config
+
+
+def randomized(module, seed=0, std=0.3):
+    """The module with every parameter redrawn (init zeros and ones would hide bugs)."""
+    graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    pure = treedef.unflatten([std * jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves)])
+    return nnx.merge(graphdef, pure), jax.tree.map(np.asarray, pure)
+
+
+def packed_batch(B=2, T=12, vocab=256, seed=0):
+    """Two rows: one document, and three packed documents of lengths 5, 4, 3."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (B, T))
+    segments = np.ones((B, T), np.int32)
+    segments[1] = [1] * 5 + [2] * 4 + [3] * 3
+    positions = np.stack([np.arange(T), [*range(5), *range(4), *range(3)]])
+    return tokens, positions, segments
+
+
+def close(a, b, tol=2e-4):
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol)
+
+
+# Structural variants: each row changes the options one published model family uses.
+VARIANTS = {
+    "llama-gqa": ("tiny",),
+    "mha": ("tiny", "model.num_kv_heads=4"),
+    "mqa": ("tiny", "model.num_kv_heads=1"),
+    "mistral-window": ("tiny", "model.attention_window=3"),
+    "gpt2": ("tiny-gpt2",),
+    "gpt1-postnorm": ("tiny-gpt2", "model.norm_position=post"),
+    "gpt3-banded": ("tiny-gpt2", "model.attention_window=4", "model.window_pattern=alternate",
+                    "model.num_layers=3"),
+    "rmsnorm-bias-untied": ("tiny", "model.use_bias=true", "model.tie_embeddings=true"),
+}
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm(kind):
+    cfg = make_config("tiny-gpt2", f"model.norm={kind}").model
+    norm, p = randomized(Norm(cfg, nnx.Rngs(0)))
+    x = np.random.default_rng(1).normal(size=(2, 5, cfg.embed_dim)).astype(np.float32)
+    close(norm(jnp.asarray(x)), ref.norm(p, ref.f64(x), cfg), 1e-5)
+
+
+def test_rope_is_a_rotation_by_position():
+    x = np.random.default_rng(0).normal(size=(2, 6, 3, 8)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 7]])
+    close(rope(jnp.asarray(x), jnp.asarray(positions), 10000.0),
+          ref.rope(ref.f64(x), positions, 10000.0), 1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 7])
+def test_masks_equal_explicit_masks(window):
+    _, _, segments = packed_batch()
+    built = window_mask(attention_mask(jnp.asarray(segments)), window)
+    np.testing.assert_array_equal(built, ref.explicit_mask(segments, window))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_attention_matches_naive(kv_heads, bias):
+    cfg = make_config("tiny", f"model.num_kv_heads={kv_heads}", f"model.use_bias={bias}").model
+    attn, p = randomized(Attention(cfg, nnx.Rngs(0)), std=0.15)
+    tokens, positions, segments = packed_batch()
+    x = np.random.default_rng(2).normal(size=(*tokens.shape, cfg.embed_dim)).astype(np.float32)
+    mask = ref.explicit_mask(segments, window=4)
+    got = attn(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(positions))
+    close(got, ref.attention(p, ref.f64(x), mask, positions, cfg))
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+def test_mlp_matches_naive(kind):
+    cfg = make_config("tiny-gpt2", f"model.mlp={kind}").model
+    mlp, p = randomized(MLP(cfg, nnx.Rngs(0)), std=0.15)
+    x = np.random.default_rng(3).normal(size=(2, 5, cfg.embed_dim)).astype(np.float32)
+    close(mlp(jnp.asarray(x)), ref.mlp(p, ref.f64(x), cfg))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_matches_naive_reference(variant):
+    cfg = make_config(*VARIANTS[variant]).model
+    model, p = randomized(Transformer(cfg, nnx.Rngs(0)), std=0.1)
+    tokens, positions, segments = packed_batch(vocab=cfg.vocab_size)
+    got = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    close(got, ref.forward(p, tokens, cfg, positions, segments), 5e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "gpt3-banded", "gpt1-postnorm"])
+def test_scan_equals_unrolled_loop(variant):
+    cfg = make_config(*VARIANTS[variant]).model
+    model, _ = randomized(Transformer(cfg, nnx.Rngs(0)), std=0.1)
+    tokens, positions, segments = (jnp.asarray(a) for a in packed_batch(vocab=cfg.vocab_size))
+    scanned = model(tokens, positions, segments)
+
+    # The same computation with a Python loop over the stacked layers.
+    x = model.embed[...][tokens]
+    if model.pos_embed is not None:
+        x = x + model.pos_embed[...][positions]
+    graphdef, stacked = nnx.split(model.blocks)
+    for i, window in enumerate(cfg.layer_windows()):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+        x = block(x, window_mask(attention_mask(segments), window), positions)
+    if model.final_norm is not None:
+        x = model.final_norm(x)
+    head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
+    np.testing.assert_allclose(scanned, x @ head, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "gpt2"])
+def test_changing_one_packed_document_never_changes_another(variant):
+    cfg = make_config(*VARIANTS[variant]).model
+    model, _ = randomized(Transformer(cfg, nnx.Rngs(0)), std=0.1)
+    tokens, positions, segments = packed_batch(vocab=cfg.vocab_size)
+    base = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))
+
+    changed = tokens.copy()
+    changed[1, 5:9] = (changed[1, 5:9] + 1) % cfg.vocab_size  # rewrite document 2 only
+    out = np.asarray(model(jnp.asarray(changed), jnp.asarray(positions), jnp.asarray(segments)))
+    np.testing.assert_array_equal(out[1, :5], base[1, :5])  # document 1: bit for bit
+    np.testing.assert_array_equal(out[1, 9:], base[1, 9:])  # document 3: bit for bit
+    assert np.abs(out[1, 5:9] - base[1, 5:9]).max() > 1e-3
+    np.testing.assert_array_equal(out[0], base[0])  # the other row
+
+    # Positions restart per document: document 3 packed equals document 3 alone.
+    alone = model(jnp.asarray(tokens[1:, 9:]))
+    np.testing.assert_allclose(base[1, 9:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def grads_of(model_cfg, tokens):
+    model, p = randomized(Transformer(model_cfg, nnx.Rngs(0)), std=0.1)
+    graphdef, _ = nnx.split(model)
+
+    def loss(params):
+        return nnx.merge(graphdef, params)(tokens).mean()
+
+    return jax.jit(jax.grad(loss))(p)
+
+
+def test_remat_policies_change_memory_not_gradients():
+    cfg = make_config("tiny").model
+    tokens = jnp.asarray(packed_batch()[0])
+    expected = grads_of(cfg, tokens)
+    for policy in ("dots", "full"):
+        got = grads_of(make_config("tiny", f"model.remat={policy}").model, tokens)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     got, expected)
+
+
+def test_bf16_compute_with_fp32_master_weights():
+    cfg32 = make_config("tiny").model
+    cfg16 = make_config("tiny", "model.dtype=bfloat16").model
+    model16, p = randomized(Transformer(cfg16, nnx.Rngs(0)), std=0.1)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(p))
+    graphdef32, _ = nnx.split(Transformer(cfg32, nnx.Rngs(0)))
+    tokens = jnp.asarray(packed_batch()[0])
+    out16, out32 = model16(tokens), nnx.merge(graphdef32, p)(tokens)
+    assert out16.dtype == jnp.float32  # logits always leave the model in fp32
+    err = np.abs(np.asarray(out16) - np.asarray(out32)).max()
+    assert 0 < err < 0.05 * np.abs(np.asarray(out32)).max()  # bf16-sized, not zero, not wild
+
+
+def test_dropout_is_keyed_and_off_without_a_key():
+    cfg = make_config("tiny", "model.dropout=0.5").model
+    model, _ = randomized(Transformer(cfg, nnx.Rngs(0)), std=0.1)
+    tokens = jnp.asarray(packed_batch()[0])
+    plain = make_config("tiny").model
+    graphdef, state = nnx.split(model)
+    eval_out = nnx.merge(nnx.split(Transformer(plain, nnx.Rngs(0)))[0], state)(tokens)
+    np.testing.assert_array_equal(model(tokens), eval_out)  # no key: no dropout
+    a = model(tokens, dropout_key=jax.random.key(1))
+    b = model(tokens, dropout_key=jax.random.key(1))
+    c = model(tokens, dropout_key=jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+    assert np.abs(np.asarray(a) - np.asarray(eval_out)).max() > 1e-3

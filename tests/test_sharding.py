@@ -1,0 +1,59 @@
+"""The logical -> mesh rules, and that initialisation lands directly in shards."""
+
+import jax
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from maxgpt import sharding, train
+from maxgpt.config import ConfigError
+from tests.conftest import make_config
+
+
+def mesh_of(*overrides):
+    return sharding.make_mesh(make_config("tiny", *overrides).mesh)
+
+
+def test_rules_use_each_mesh_axis_once_and_only_where_it_divides():
+    mesh = mesh_of("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    spec = sharding.logical_to_spec
+    assert spec(("batch", "seq", "embed"), (8, 16, 64), mesh) == P(("data", "fsdp"), None, None)
+    assert spec(("embed", "mlp"), (64, 128), mesh) == P("fsdp", "tensor")
+    assert spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 1, 16), mesh) == \
+        P(None, "fsdp", None, None)  # one kv head cannot be split: replicated
+    assert spec(("batch", "seq"), (2, 16), mesh) == P("data", None)  # 2 rows: data only
+    assert spec(("vocab", "embed"), (255, 64), mesh) == P(None, "fsdp")
+
+
+def test_minus_one_takes_the_rest_and_bad_products_are_errors():
+    assert dict(mesh_of("mesh.data=-1", "mesh.tensor=2").shape) == {
+        "data": 4, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ConfigError, match="has 4 devices but 8 are available"):
+        mesh_of("mesh.data=2", "mesh.tensor=2")
+
+
+@pytest.mark.parametrize("overrides, name, spec", [
+    (("mesh.data=1", "mesh.fsdp=8"), "embed", P(None, "fsdp")),
+    (("mesh.data=1", "mesh.fsdp=8"), "blocks/mlp/up_proj", P(None, "fsdp", None)),
+    (("mesh.data=2", "mesh.tensor=4"), "blocks/attn/q_proj", P(None, None, "tensor", None)),
+    (("mesh.data=2", "mesh.tensor=4"), "blocks/mlp/down_proj", P(None, "tensor", None)),
+    (("mesh.data=2", "mesh.tensor=4"), "lm_head", P(None, "tensor")),
+    (("mesh.data=2", "mesh.tensor=4"), "blocks/attn/k_proj", P(None, None, None, None)),  # 2 kv heads, tensor=4
+])
+def test_initialised_params_live_in_their_shards(overrides, name, spec):
+    cfg = make_config("tiny", *overrides)
+    trainer = train.build_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    state = train.init_state(trainer)
+    leaf = state["params"]
+    for part in name.split("/"):
+        leaf = leaf[part]
+    assert leaf.sharding.spec == spec
+    # each device holds only its slice: no full copy anywhere
+    expected = tuple(dim // (trainer.mesh.shape[axis] if axis else 1)
+                     for dim, axis in zip(leaf.shape, spec))
+    assert leaf.addressable_shards[0].data.shape == expected
+    # the Adam moments live exactly where their parameter lives
+    mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
+    for part in name.split("/"):
+        mu = mu[part]
+    assert mu.sharding == leaf.sharding

@@ -1,0 +1,160 @@
+"""Training: sharded meshes equal one device, accumulation equals the big batch, it learns."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from maxgpt import train
+from maxgpt.config import load_config
+from maxgpt.data import SyntheticSource
+from maxgpt.optim import decay_mask, learning_rate
+from tests import reference as ref
+from tests.conftest import make_config
+
+STEPS = 5
+BASE = ("train.batch_size=8", "train.seq_len=32", f"train.steps={STEPS}", "train.log_every=1",
+        "optim.warmup_steps=2", "optim.lr=1e-2", "model.dtype=float32")
+
+
+def run(*overrides, devices=None, preset="tiny"):
+    cfg = make_config(preset, *BASE, *overrides)
+    state, history = train.run(cfg, devices=devices, echo=False)
+    return np.array([row["loss"] for row in history]), state
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return run("mesh.data=1", devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [
+    ("mesh.data=8",), ("mesh.data=1", "mesh.fsdp=8"),
+    ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+])
+def test_sharded_training_equals_one_device(mesh, one_device):
+    losses, state = run(*mesh)
+    expected_losses, expected_state = one_device
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+    # Adam divides by sqrt(v): reordered sums in near-zero gradients move a weight by a small
+    # fraction of one lr=1e-2 step, hence atol 1e-4 on the parameters.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 state["params"], expected_state["params"])
+
+
+def test_tensor_parallel_gpt2_with_biases_equals_one_device():
+    gpt2 = ("train.batch_size=8",)
+    single, _ = run("mesh.data=1", *gpt2, devices=jax.devices()[:1], preset="tiny-gpt2")
+    sharded, _ = run("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4", *gpt2, preset="tiny-gpt2")
+    np.testing.assert_allclose(sharded, single, rtol=2e-5)
+
+
+def test_accumulating_4_microbatches_of_2_equals_1_batch_of_8(one_device):
+    accumulated, state = run("mesh.data=1", "train.microbatches=4", devices=jax.devices()[:1])
+    np.testing.assert_allclose(accumulated, one_device[0], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 state["params"], one_device[1]["params"])
+    # and across a mesh, where each microbatch is itself split over the data axis
+    sharded, _ = run("mesh.data=2", "mesh.tensor=4", "train.microbatches=4")
+    np.testing.assert_allclose(sharded, one_device[0], rtol=2e-5)
+
+
+def test_loss_falls_on_a_repeated_batch():
+    cfg = make_config("tiny", *BASE, "train.steps=40", "mesh.data=8")
+    trainer = train.build_trainer(cfg, train.sharding.make_mesh(cfg.mesh))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 256, (8, 32)), "targets": rng.integers(0, 256, (8, 32)),
+             "positions": np.tile(np.arange(32), (8, 1)), "segment_ids": np.ones((8, 32))}
+    batch = {k: jax.device_put(v.astype(np.int32), trainer.batch_sharding)
+             for k, v in batch.items()}
+    with jax.set_mesh(trainer.mesh):
+        state = train.init_state(trainer)
+        losses = []
+        for _ in range(40):
+            state, metrics = trainer.step_fn(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(np.log(256), rel=0.05)  # starts at chance
+    assert losses[-1] < 0.2 * losses[0], losses  # memorises random tokens
+
+
+def test_loss_ignores_padding_and_adds_z_loss():
+    cfg = make_config("tiny", *BASE)
+    graphdef, _ = train.abstract_model(cfg)
+    state = train.init_state(train.build_trainer(cfg, train.sharding.make_mesh(
+        cfg.mesh, jax.devices()[:1])))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 256, (2, 8)), "targets": rng.integers(0, 256, (2, 8)),
+             "positions": np.tile(np.arange(8), (2, 1)),
+             "segment_ids": np.array([[1] * 8, [1] * 3 + [0] * 5])}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    logits = np.asarray(jax.jit(lambda p: __import__("flax").nnx.merge(graphdef, p)(
+        batch["inputs"], batch["positions"], batch["segment_ids"]))(state["params"]))
+    weights = np.asarray(batch["segment_ids"] > 0, np.float64)
+    expected, log_z = ref.cross_entropy(logits, np.asarray(batch["targets"]), weights)
+
+    objective, (nll, tokens) = train.loss_fn(state["params"], graphdef, batch, None, 1e-2)
+    assert tokens == 11
+    np.testing.assert_allclose(nll / tokens, expected, rtol=1e-5)
+    np.testing.assert_allclose(objective, nll + 1e-2 * (log_z**2 * weights).sum(), rtol=1e-5)
+
+    # whatever sits in the padding changes nothing
+    padded = dict(batch, inputs=batch["inputs"].at[1, 3:].set(7),
+                  targets=batch["targets"].at[1, 3:].set(9))
+    np.testing.assert_allclose(train.loss_fn(state["params"], graphdef, padded, None, 0.0)[0],
+                               nll, rtol=1e-6)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    cfg = make_config("tiny-gpt2")
+    _, params = train.abstract_model(cfg)
+    mask = decay_mask(__import__("flax").nnx.to_pure_dict(params))
+    flat = {"/".join(str(k.key) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["embed"] and flat["pos_embed"] and flat["blocks/attn/q_proj"]
+    assert flat["blocks/mlp/down_proj"]
+    for name in ("blocks/attn/q_bias", "blocks/mlp/up_bias", "blocks/attn_norm/scale",
+                 "blocks/attn_norm/bias", "final_norm/scale"):
+        assert flat[name] is False, name
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+def test_learning_rate_schedule(decay):
+    cfg = make_config("tiny", "train.steps=11", "optim.warmup_steps=4", "optim.lr=1.0",
+                      "optim.min_lr_ratio=0.1", f"optim.decay={decay}")
+    lr = [float(learning_rate(cfg)(s)) for s in range(11)]
+    np.testing.assert_allclose(lr[:4], [0.25, 0.5, 0.75, 1.0])  # warmup, never 0
+    assert lr[4] == pytest.approx(1.0)
+    expected_mid = {"cosine": 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.5)),
+                    "linear": 1.0 - 0.9 * 0.5, "constant": 1.0}[decay]
+    assert lr[7] == pytest.approx(expected_mid)  # halfway through the decay
+    assert lr[10] == pytest.approx(1.0 if decay == "constant" else 0.1)
+
+
+def test_run_dir_metrics_and_config(tmp_path):
+    cfg = make_config("tiny", *BASE, "train.log_every=2")
+    train.run(cfg, tmp_path / "run", echo=False)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    for row in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "mfu",
+                "tokens_seen"} <= row.keys()
+        assert row["tokens_seen"] == row["step"] * 8 * 32
+        assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
+    assert load_config(tmp_path / "run/config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["train"]["steps"] == STEPS
+    assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_synthetic_rows_do_not_depend_on_sharding():
+    source = SyntheticSource(vocab_size=97, batch_size=8, seq_len=16, seed=3)
+    full = source.rows(step=5, start=0, stop=8)
+    part = source.rows(step=5, start=4, stop=6)
+    np.testing.assert_array_equal(full["inputs"][4:6], part["inputs"])
+    np.testing.assert_array_equal(full["inputs"][:, 1:], full["targets"][:, :-1])
+    stride = (full["targets"][:, 0] - full["inputs"][:, 0]) % 97
+    np.testing.assert_array_equal((full["inputs"][:, 0:1] + stride[:, None] *
+                                   np.arange(16)) % 97, full["inputs"])
