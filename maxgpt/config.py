@@ -126,13 +126,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **sections: dict[str, Any]) -> Config:
-        """A copy with some keys changed: `cfg.replace(train={"steps": 5})`."""
-        merged = self.to_dict()
-        for section, values in sections.items():
-            merged[section] = {**merged[section], **values}
-        return from_dict(merged)
-
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

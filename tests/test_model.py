@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from maxgpt.model import Transformer
-from maxgpt.model.attention import Attention, attention_mask, window_mask
-from maxgpt.model.layers import MLP, Norm, rope
+from maxgpt.model.attention import (CPU_QUERY_BLOCK, Attention, attention_mask,
+                                    causal_attention, window_mask)
+from maxgpt.model.layers import MLP, Norm, matmul, rope
 from tests import reference as ref
 from tests.conftest import make_config
 
@@ -51,6 +52,22 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("x_shape, w_shape, contract, spec", [
+    ((2, 3, 4), (4, 5), 1, "btd,df->btf"),
+    ((2, 3, 4), (4, 2, 5), 1, "btd,dnh->btnh"),
+    ((2, 3, 2, 5), (2, 5, 4), 2, "btnh,nhd->btd"),
+])
+def test_matmul_and_its_gradient_equal_einsum(x_shape, w_shape, contract, spec):
+    """matmul has a hand-written VJP; autodiff of a plain einsum is the reference."""
+    kx, kw, kr = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    r = jax.random.normal(kr, jnp.einsum(spec, x, w).shape)
+    ours = jax.value_and_grad(lambda x, w: (matmul(x, w, contract) * r).sum(), (0, 1))(x, w)
+    reference = jax.value_and_grad(lambda x, w: (jnp.einsum(spec, x, w) * r).sum(), (0, 1))(x, w)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 ours, reference)
+
+
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 def test_norm(kind):
     cfg = make_config("tiny-gpt2", f"model.norm={kind}").model
@@ -83,6 +100,20 @@ def test_attention_matches_naive(kv_heads, bias):
     mask = ref.explicit_mask(segments, window=4)
     got = attn(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(positions))
     close(got, ref.attention(p, ref.f64(x), mask, positions, cfg))
+
+
+@pytest.mark.parametrize("window", [0, 100])
+def test_blocked_causal_attention_matches_naive(window):
+    """Sequences longer than one CPU query block: blocks, documents and windows interact."""
+    T = 2 * CPU_QUERY_BLOCK
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, T, n, 8)).astype(np.float32) for n in (4, 2, 2))
+    segments = np.ones((2, T), np.int32)
+    segments[1, 100:] = 2  # a document boundary inside the first block
+    segments[1, 200:] = 3  # and one inside the second
+    mask = ref.explicit_mask(segments, window)
+    got = causal_attention(*(jnp.asarray(a) for a in (q, k, v)), jnp.asarray(mask))
+    close(got, ref.attention_core(*(ref.f64(a) for a in (q, k, v)), mask), 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxgpt.config import ModelConfig
-from maxgpt.model.layers import dtype_of, normal, rope, zeros
+from maxgpt.model.layers import dtype_of, matmul, normal, rope, zeros
 from maxgpt.sharding import constrain, param
 
 
@@ -35,6 +35,25 @@ def window_mask(mask: jax.Array, window: jax.Array | int) -> jax.Array:
     T = mask.shape[-1]
     distance = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]  # query index - key index
     return mask & ((window <= 0) | (distance < window))[None]
+
+
+# XLA:CPU computes every query-key product, the masked upper triangle included. Giving each
+# block of 128 queries only the keys up to its own end skips most of that triangle; flash
+# kernels on GPU (cuDNN) and TPU skip masked tiles themselves, so there the whole sequence is
+# one block. Measured at the benchmark shape in docs/benchmarks.md.
+CPU_QUERY_BLOCK = 128
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(QK^T / sqrt(H)) V over visible keys. q: (B, T, N, H); k, v: (B, T, K, H)."""
+    T = q.shape[1]
+    cpu = jax.default_backend() == "cpu"
+    block = CPU_QUERY_BLOCK if cpu and T % CPU_QUERY_BLOCK == 0 else T
+    outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
+                                         v[:, :start + block],
+                                         mask=mask[:, None, start:start + block, :start + block])
+            for start in range(0, T, block)]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
@@ -58,7 +77,7 @@ class Attention(nnx.Module):
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
 
     def _project(self, x, kernel, bias, heads_axis):
-        y = jnp.einsum("BTD,DNH->BTNH", x, kernel[...].astype(self.dtype))
+        y = matmul(x, kernel[...])  # (B, T, D) x (D, heads, H)
         if bias is not None:
             y = y + bias[...].astype(self.dtype)
         return constrain(y, ("batch", "seq", heads_axis, "head_dim"))
@@ -70,9 +89,9 @@ class Attention(nnx.Module):
         v = self._project(x, self.v_proj, self.v_bias, "kv_heads")  # (B, T, K, H)
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # (B, T, N, H)
+        out = causal_attention(q, k, v, mask)  # (B, T, N, H)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+        y = matmul(out, self.o_proj[...], contract=2)  # (B, T, N, H) x (N, H, D)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(self.dtype)
         return y

@@ -21,7 +21,7 @@ from flax import nnx
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.attention import Attention, attention_mask, window_mask
-from maxgpt.model.layers import MLP, Norm, dropout, dtype_of, normal
+from maxgpt.model.layers import MLP, Norm, dropout, dtype_of, matmul, normal
 from maxgpt.sharding import constrain, param
 
 REMAT_POLICIES = {
@@ -94,9 +94,9 @@ class Transformer(nnx.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is None:  # tied: logits against the input embedding table
-            logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(self.dtype))
+            logits = matmul(x, self.embed[...].T)
         else:
-            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype))
+            logits = matmul(x, self.lm_head[...])  # (B, T, V)
         return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def _run_blocks(self, x, mask, positions, dropout_key):
