@@ -191,7 +191,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
             if f.name not in values:
-                raise ConfigError(f"config key '{key}' has no value (configs/base.yaml sets them all)")
+                raise ConfigError(
+                    f"config key '{key}' has no value (configs/base.yaml sets them all)")
             kwargs[f.name] = _coerce(values[f.name], hints[f.name], key)
         for name in values:
             if name not in kwargs:
@@ -245,7 +246,8 @@ def preset_path(name: str) -> Path:
 
 def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=100")
+        raise ConfigError(
+            f"override '{text}' must look like section.key=value, e.g. train.steps=100")
     key, value = text.split("=", 1)
     section, name = key.split(".", 1)
     return section, name, value

@@ -52,7 +52,8 @@ def test_every_key_is_overridable():
 
 @pytest.mark.parametrize("override, message", [
     (["train.step=5"], "unknown config key 'train.step'; did you mean 'train.steps'?"),
-    (["modle.num_layers=2"], "unknown config key 'modle.num_layers'; did you mean 'model.num_layers'?"),
+    (["modle.num_layers=2"],
+     "unknown config key 'modle.num_layers'; did you mean 'model.num_layers'?"),
     (["train.steps=many"], "train.steps must be int, got 'many'"),
     (["train.steps=2.5"], "train.steps must be int"),
     (["model.use_bias=maybe"], "model.use_bias must be bool"),
@@ -70,7 +71,8 @@ def test_bad_config_messages(override, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["params", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
-    (["params", "--config", "configs/models/tiny.yaml", "train.step=1"], "did you mean 'train.steps'"),
+    (["params", "--config", "configs/models/tiny.yaml", "train.step=1"],
+     "did you mean 'train.steps'"),
     (["train", "--config", "configs/models/tiny.yaml", "mesh.data=3"],
      "mesh data=3xfsdp=1xtensor=1 has 3 devices but 8 are available"),
     (["train", "--config", "configs/models/tiny.yaml", "mesh.fsdp=3"],

@@ -115,12 +115,16 @@ class MLP(nnx.Module):
         init = normal(cfg.init_std)
         # GPT-2: residual-path projections scaled by 1/sqrt(2 * num_layers) at init.
         out_init = normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        swiglu = cfg.mlp == "swiglu"
+
+        def bias(shape, axes, wanted=True):
+            return param(rngs, zeros, shape, axes, pdt) if cfg.use_bias and wanted else None
+
         self.up_proj = param(rngs, init, (D, F), ("embed", "mlp"), pdt)
-        self.gate_proj = param(rngs, init, (D, F), ("embed", "mlp"), pdt) if cfg.mlp == "swiglu" else None
+        self.gate_proj = param(rngs, init, (D, F), ("embed", "mlp"), pdt) if swiglu else None
         self.down_proj = param(rngs, out_init, (F, D), ("mlp", "embed"), pdt)
-        bias = lambda shape, axes: param(rngs, zeros, shape, axes, pdt) if cfg.use_bias else None
         self.up_bias = bias((F,), ("mlp",))
-        self.gate_bias = bias((F,), ("mlp",)) if cfg.mlp == "swiglu" else None
+        self.gate_bias = bias((F,), ("mlp",), wanted=swiglu)
         self.down_bias = bias((D,), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
