@@ -8,6 +8,7 @@ The step is jitted once with explicit in/out shardings and the state donated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -174,20 +175,19 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
     source = SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
                              cfg.train.seed)
     writer = MetricsWriter(run_dir, cfg.train.steps, echo)
-    flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * (
-        cfg.train.batch_size * cfg.train.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
     peak, peak_source = peak_flops(list(mesh.devices.flat))
     writer.info(f"maxgpt: {cfg.model.name}, {count_params(cfg):,} parameters, mesh "
                 f"{dict(mesh.shape)}; mfu against {peak_source}")
 
     history = []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), contextlib.closing(writer):
         state = init_state(trainer)
         start = time.perf_counter()
         compiled = trainer.step_fn.lower(state, source.global_batch(0, trainer.batch_sharding)
                                          ).compile()
         writer.info(_describe_compile(compiled, time.perf_counter() - start))
-        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         last_time, last_step = time.perf_counter(), 0
         for step in range(cfg.train.steps):
             state, metrics = compiled(state, source.global_batch(step, trainer.batch_sharding))
@@ -206,5 +206,4 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
             writer.write(row)
             history.append(row)
             last_time, last_step = now, done
-    writer.close()
     return state, history
