@@ -110,3 +110,16 @@ def test_existing_run_dir_is_refused_and_left_intact(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == "keep me"
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_train_command_end_to_end(tmp_path):
+    """The user's path: a real process, the console entry point, a run directory."""
+    proc = subprocess.run([sys.executable, "-m", "maxgpt", "train", "--config",
+                           "configs/experiments/smoke.yaml", "--run-dir", str(tmp_path / "run"),
+                           "train.steps=3", "train.log_every=1"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split(" | ")[0] for line in proc.stdout.splitlines()] == [
+        "step 1/3", "step 2/3", "step 3/3"]
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 3
+    assert load_config(tmp_path / "run/config.yaml").train.steps == 3
