@@ -1,12 +1,15 @@
 """The logical -> mesh rules, and that initialisation lands directly in shards."""
 
+import subprocess
+import sys
+
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from maxgpt import sharding, train
 from maxgpt.config import ConfigError
-from tests.conftest import make_config
+from tests.conftest import REPO, make_config
 
 
 def mesh_of(*overrides):
@@ -57,3 +60,14 @@ def test_initialised_params_live_in_their_shards(overrides, name, spec):
     for part in name.split("/"):
         mu = mu[part]
     assert mu.sharding == leaf.sharding
+
+
+def test_no_involuntary_resharding_on_a_three_axis_mesh(tmp_path):
+    """XLA warns when the layouts we ask for can only be met by replicating a tensor (an
+    all-gather of activations on every step). The embedding lookups once caused that."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "maxgpt", "train", "--config", "configs/models/tiny-gpt2.yaml",
+         "--run-dir", str(tmp_path / "run"), "train.steps=1", "mesh.data=2", "mesh.fsdp=2",
+         "mesh.tensor=2"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Involuntary full rematerialization" not in proc.stderr

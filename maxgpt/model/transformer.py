@@ -30,6 +30,16 @@ REMAT_POLICIES = {
 }
 
 
+def lookup(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
+    """Rows of an embedding table (R, D) for ids (B, T) -> (B, T, D).
+
+    The table is first made whole along its width (FSDP all-gathers it, as it does every
+    weight before use): a lookup in a width-split table yields width-split rows, which XLA
+    can turn into batch-split activations only by replicating them.
+    """
+    return jnp.take(constrain(table, (row_axis, None)), ids, axis=0)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, rngs)
@@ -86,9 +96,9 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # (B, T, D)
+        x = lookup(self.embed[...], tokens, "vocab").astype(self.dtype)  # (B, T, D)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+            x = x + lookup(self.pos_embed[...], positions, "position").astype(self.dtype)
         x = constrain(dropout(x, self.dropout, k_embed), ("batch", "seq", "embed"))
         x = self._run_blocks(x, attention_mask(segment_ids), positions, k_layers)
         if self.final_norm is not None:
