@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxgpt.config import ModelConfig
-from maxgpt.model.layers import dtype_of, matmul, normal, rope, zeros
+from maxgpt.model.layers import matmul, normal, rope, zeros
 from maxgpt.sharding import constrain, param
 
 
@@ -59,8 +59,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        pdt = dtype_of(cfg.param_dtype)
-        self.dtype = dtype_of(cfg.dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         init = normal(cfg.init_std)
         out_init = normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)  # GPT-2 residual scaling

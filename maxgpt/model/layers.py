@@ -23,10 +23,6 @@ def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
 @jax.custom_vjp
 def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:  # (M, K) @ (K, N)
     return jnp.dot(x, w)
@@ -67,7 +63,7 @@ class Norm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.kind, self.eps = cfg.norm, cfg.norm_eps
-        pdt = dtype_of(cfg.param_dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
         self.scale = param(rngs, ones, (cfg.embed_dim,), ("norm",), pdt)
         # LayerNorm carries a bias when the model has biases (GPT-1/2/3); RMSNorm never does.
         has_bias = cfg.norm == "layernorm" and cfg.use_bias
@@ -110,8 +106,8 @@ class MLP(nnx.Module):
     """GELU MLP (GPT-1/2/3, tanh approximation as in GPT-2) or SwiGLU (Shazeer 2020; Llama)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        D, F, pdt = cfg.embed_dim, cfg.mlp_dim, dtype_of(cfg.param_dtype)
-        self.kind, self.dtype = cfg.mlp, dtype_of(cfg.dtype)
+        D, F, pdt = cfg.embed_dim, cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
+        self.kind, self.dtype = cfg.mlp, jnp.dtype(cfg.dtype)
         init = normal(cfg.init_std)
         # GPT-2: residual-path projections scaled by 1/sqrt(2 * num_layers) at init.
         out_init = normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.attention import Attention, attention_mask, window_mask
-from maxgpt.model.layers import MLP, Norm, dropout, dtype_of, matmul, normal
+from maxgpt.model.layers import MLP, Norm, dropout, matmul, normal
 from maxgpt.sharding import constrain, param
 
 REMAT_POLICIES = {
@@ -63,8 +63,8 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        V, D, pdt = cfg.vocab_size, cfg.embed_dim, dtype_of(cfg.param_dtype)
-        self.dtype = dtype_of(cfg.dtype)
+        V, D, pdt = cfg.vocab_size, cfg.embed_dim, jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
         self.dropout = cfg.dropout
         self.remat = cfg.remat
         self.windows = tuple(cfg.layer_windows())  # static: one attention window per layer
