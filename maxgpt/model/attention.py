@@ -7,8 +7,10 @@ One code path for every variant:
 - which keys a query may see is one boolean mask: causal, same packed document (segment
   ids), and, for windowed layers, at most `window - 1` tokens back (Mistral's sliding window;
   GPT-3's locally banded layers use the same band on alternate layers);
-- the softmax(QK^T)V itself is `jax.nn.dot_product_attention`, which picks cuDNN flash
-  attention on GPUs that support it and plain XLA elsewhere.
+- the softmax(QK^T)V itself is `jax.nn.dot_product_attention`. With `implementation=None`
+  jax 0.10 always runs its XLA implementation; cuDNN flash attention on GPU needs
+  `implementation="cudnn"`, bf16/fp16 inputs and the mask given as `is_causal` +
+  `local_window_size` (+ segments as a bias), and is not wired yet: it needs a GPU to test.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def window_mask(mask: jax.Array, window: jax.Array | int) -> jax.Array:
     return mask & ((window <= 0) | (distance < window))[None]
 
 
-# XLA:CPU computes every query-key product, the masked upper triangle included. Giving each
-# block of 128 queries only the keys up to its own end skips most of that triangle; flash
-# kernels on GPU (cuDNN) and TPU skip masked tiles themselves, so there the whole sequence is
-# one block. Measured at the benchmark shape in docs/benchmarks.md.
+# XLA computes every query-key product, the masked upper triangle included. On CPU, giving
+# each block of 128 queries only the keys up to its own end skips most of that triangle
+# (measured at the benchmark shape in docs/benchmarks.md). Elsewhere it is unmeasured, and the
+# flash kernels meant for GPU and TPU skip masked tiles themselves: one block there.
 CPU_QUERY_BLOCK = 128
 
 
