@@ -36,7 +36,6 @@ class Trainer:
 
     cfg: Config
     mesh: Mesh
-    graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
@@ -130,7 +129,7 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
                                         optimizer=optimizer, cfg=cfg),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
         donate_argnums=0)
-    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, step)
+    return Trainer(cfg, mesh, optimizer, state_sh, batch_sh, step)
 
 
 def init_state(trainer: Trainer) -> dict[str, Any]:

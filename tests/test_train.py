@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from maxgpt import train
 from maxgpt.config import load_config
@@ -91,7 +92,7 @@ def test_loss_ignores_padding_and_adds_z_loss():
              "positions": np.tile(np.arange(8), (2, 1)),
              "segment_ids": np.array([[1] * 8, [1] * 3 + [0] * 5])}
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
-    logits = np.asarray(jax.jit(lambda p: __import__("flax").nnx.merge(graphdef, p)(
+    logits = np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(
         batch["inputs"], batch["positions"], batch["segment_ids"]))(state["params"]))
     weights = np.asarray(batch["segment_ids"] > 0, np.float64)
     expected, log_z = ref.cross_entropy(logits, np.asarray(batch["targets"]), weights)
@@ -111,7 +112,7 @@ def test_loss_ignores_padding_and_adds_z_loss():
 def test_weight_decay_skips_norms_and_biases():
     cfg = make_config("tiny-gpt2")
     _, params = train.abstract_model(cfg)
-    mask = decay_mask(__import__("flax").nnx.to_pure_dict(params))
+    mask = decay_mask(nnx.to_pure_dict(params))
     flat = {"/".join(str(k.key) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat["embed"] and flat["pos_embed"] and flat["blocks/attn/q_proj"]
