@@ -30,24 +30,76 @@ def _human(n: int) -> str:
 def cmd_train(args) -> int:
     from maxgpt.train import run  # imports jax: keep `maxgpt --help` fast
 
-    cfg = load_config(args.config, args.overrides)
+    existing = args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()
+    if existing and args.config:
+        raise ConfigError(
+            f"{args.run_dir} already holds a run; continue it with `maxgpt train --run-dir "
+            f"{args.run_dir} [key=value ...]` (no --config), or pick a new --run-dir "
+            "(nothing was changed)")
+    # A run directory's own config.yaml is the config of its continuation.
+    cfg = load_config(Path(args.run_dir) / "config.yaml" if existing else args.config,
+                      args.overrides)
     run_dir = Path(args.run_dir or f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run(cfg, run_dir)
     print(f"maxgpt: run written to {run_dir}", file=sys.stderr)
     return 0
 
 
+def cmd_eval(args) -> int:
+    from maxgpt.train import evaluate_checkpoint
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    metrics = evaluate_checkpoint(run_dir, args.step, args.overrides)
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from maxgpt.data.prepare import prepare
+
+    summary = prepare(args.inputs, args.out, text_field=args.text_field,
+                      text_suffixes=args.text_suffix or (".txt",),
+                      validation_fraction=args.validation_fraction,
+                      shard_bytes=int(args.shard_mb * 2**20))
+    splits = summary["splits"]
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
+    print(f"{args.out}: {summary['files']} files -> train {splits['train']['documents']:,} "
+          f"documents ({splits['train']['bytes']:,} bytes), validation "
+          f"{splits['validation']['documents']:,} documents "
+          f"({splits['validation']['bytes']:,} bytes); skipped: {skipped}")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from maxgpt.data.pipeline import TOKENIZER_FILE
+    from maxgpt.data.prepare import sample_documents
+    from maxgpt.data.tokenizer import train_tokenizer
+
+    out = Path(args.out) if args.out else Path(args.data) / TOKENIZER_FILE
+    if out.exists():
+        raise ConfigError(f"{out} already exists; remove it or pass --out (nothing was changed)")
+    tokenizer = train_tokenizer(sample_documents(args.data, seed=args.seed), out,
+                                args.vocab_size, args.model_type,
+                                int(args.sample_mb * 1e6))
+    print(f"{out}: {args.model_type} tokenizer, {tokenizer.vocab_size} pieces")
+    return 0
+
+
 def cmd_params(args) -> int:
-    from maxgpt.train import count_params
+    from maxgpt.train import count_params, vocab_padding_params
 
     cfg = load_config(args.config, args.overrides)
     total = count_params(cfg)
     active = total  # dense models: every parameter is used by every token
+    padding = vocab_padding_params(cfg)
     if args.json:
-        print(json.dumps({"total": total, "active": active}))
+        print(json.dumps({"total": total, "active": active, "vocab_padding": padding}))
     else:
         print(f"{cfg.model.name}: total {total:,} ({_human(total)}), "
-              f"active per token {active:,} ({_human(active)})")
+              f"active per token {active:,} ({_human(active)}); vocabulary padded to "
+              f"{cfg.model.padded_vocab_size:,} rows (+{padding:,} parameters)")
     return 0
 
 
@@ -61,6 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
                                          "files go (default: runs/<model>-<time>)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="held-out loss, perplexity, bits per byte")
+    evaluate.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
+    evaluate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="e.g. train.eval_steps=100")
+    evaluate.set_defaults(func=cmd_eval)
+
+    prep = commands.add_parser("prepare", help="text files -> ArrayRecord document shards")
+    prep.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or directories")
+    prep.add_argument("--out", required=True, help="new directory for the prepared dataset")
+    prep.add_argument("--text-field", default="text", help="JSON key / parquet column")
+    prep.add_argument("--text-suffix", action="append", metavar="SUFFIX",
+                      help="read files with this suffix as one document each (repeatable; "
+                           "default .txt), e.g. --text-suffix .py")
+    prep.add_argument("--validation-fraction", type=float, default=0.01)
+    prep.add_argument("--shard-mb", type=float, default=128.0, help="shard size (MiB)")
+    prep.set_defaults(func=cmd_prepare)
+
+    tok = commands.add_parser("tokenizer", help="tokenizer tools")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True,
+                                      parser_class=_Parser)
+    tok_train = tok_commands.add_parser("train", help="train a sentencepiece tokenizer")
+    tok_train.add_argument("--data", required=True, help="a prepared dataset directory")
+    tok_train.add_argument("--out", help="model file (default: DATA/tokenizer.model)")
+    tok_train.add_argument("--vocab-size", type=int, default=8192)
+    tok_train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tok_train.add_argument("--sample-mb", type=float, default=32.0,
+                           help="MB of randomly chosen training documents to learn from")
+    tok_train.add_argument("--seed", type=int, default=0, help="which documents are sampled")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
 
     params = commands.add_parser("params", help="parameter counts of a config")
     params.add_argument("--config", help="experiment or model YAML")

@@ -26,6 +26,9 @@ BASE_CONFIG = CONFIG_DIR / "base.yaml"
 PRESET_DIR = CONFIG_DIR / "models"
 
 
+VOCAB_MULTIPLE = 128
+
+
 class ConfigError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
@@ -60,6 +63,13 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output tables: vocab_size rounded up to a multiple of
+        128, so the vocabulary dimension tiles evenly on TPU/GPU matrix units and divides
+        over tensor-parallel shards. The extra rows are never predicted (masked logits)."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
     def layer_windows(self) -> list[int]:
         """Attention window per layer; 0 means full causal attention."""
         if self.attention_window == 0:
@@ -86,6 +96,8 @@ class TrainConfig:
     log_every: int
     microbatches: int  # gradient accumulation: the global batch is split into this many
     z_loss: float  # weight of the PaLM z-loss, mean(log(Z)^2); 0 turns it off
+    eval_every: int  # held-out evaluation every this many steps (and at the end); 0: never
+    eval_steps: int  # batches per evaluation, always the same ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +115,17 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic"]
+    source: str  # builtin | synthetic | mixture | PATH of a prepared dataset
+    sources: dict  # source=mixture: {PATH or builtin: weight}
+    tokenizer: str  # a sentencepiece .model; "": the dataset's own (see docs/data.md)
+    num_workers: int  # tokenising processes; 0 tokenises in the training process
+    prefetch: int  # batches made ahead of the training step
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    # Read by the checkpoint manager once it lands (issue #4); validated already so that
-    # experiment files written today keep working.
-    every: int
-    keep: int
+    every: int  # save every this many steps (and at the end); 0: only at the end
+    keep: int  # newest checkpoints kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +191,14 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 pass
     elif kind is str:
         if isinstance(value, str):
+            return value
+    elif kind is dict:
+        if isinstance(value, str):  # from the command line: a YAML mapping, {a: 1, b: 2}
+            try:
+                value = yaml.safe_load(value) or {}
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, dict):
             return value
     raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
 
@@ -279,6 +301,7 @@ def validate(cfg: Config) -> None:
         "model.max_seq_len": m.max_seq_len, "train.steps": t.steps,
         "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
         "train.log_every": t.log_every, "train.microbatches": t.microbatches,
+        "train.eval_steps": t.eval_steps, "checkpoint.keep": cfg.checkpoint.keep,
     }
     for key, value in positive.items():
         if value < 1:
@@ -301,11 +324,30 @@ def validate(cfg: Config) -> None:
     if t.batch_size % t.microbatches:
         raise ConfigError(
             f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    nonnegative = {"optim.warmup_steps": o.warmup_steps, "train.eval_every": t.eval_every,
+                   "checkpoint.every": cfg.checkpoint.every,
+                   "data.num_workers": cfg.data.num_workers, "data.prefetch": cfg.data.prefetch}
+    for key, value in nonnegative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    _validate_data(cfg.data)
     for key, value in {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
                        "mesh.tensor": cfg.mesh.tensor}.items():
         if value == 0 or value < -1:
             raise ConfigError(f"{key} must be a positive size or -1 (the rest), got {value}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one mesh axis may be -1")
+
+
+def _validate_data(d: DataConfig) -> None:
+    if not d.source:
+        raise ConfigError("data.source must be builtin, synthetic, mixture or a dataset path")
+    if (d.source == "mixture") != bool(d.sources):
+        raise ConfigError("data.sources (a mapping {path or builtin: weight}) goes with "
+                          "data.source=mixture, and only with it")
+    for name, weight in d.sources.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"data.sources weight of {name!r} must be a positive number, "
+                              f"got {weight!r}")
+        if name in ("synthetic", "mixture"):
+            raise ConfigError(f"data.sources cannot hold {name!r}: list dataset paths or builtin")

@@ -47,7 +47,7 @@ def matmul_params_per_token(m: ModelConfig) -> int:
     """Weights a token is multiplied by in one forward pass (biases and norms excluded)."""
     attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
     mlp = (3 if m.mlp == "swiglu" else 2) * m.embed_dim * m.mlp_dim
-    return m.num_layers * (attn + mlp) + m.embed_dim * m.vocab_size  # + logits projection
+    return m.num_layers * (attn + mlp) + m.embed_dim * m.padded_vocab_size  # + logits
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:

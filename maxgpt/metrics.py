@@ -1,7 +1,8 @@
 """Where numbers go: RUN_DIR/metrics.jsonl, TensorBoard event files, and one console line.
 
 Only process 0 writes. Each train row carries at least
-`step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu, tokens_seen` (see docs/metrics.md).
+`step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu, tokens_seen`; each eval row
+`step, eval_loss, eval_ppl, eval_bpb, eval_tokens` (see docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def _plain(value: Any) -> Any:
 
 
 def format_row(row: dict[str, Any], total_steps: int) -> str:
+    if "eval_loss" in row:
+        return (f"eval {row['step']}/{total_steps} | loss {row['eval_loss']:.4f} | "
+                f"ppl {row['eval_ppl']:.2f} | {row['eval_bpb']:.4f} bits/byte | "
+                f"{row['eval_tokens']:,} tokens")
     parts = [f"step {row['step']}/{total_steps}", f"loss {row['loss']:.4f}",
              f"lr {row['lr']:.2e}", f"gnorm {row['grad_norm']:.3f}",
              f"{row['tokens_per_sec']:,.0f} tok/s", f"{row['step_time_s']:.3f} s/step"]
@@ -52,7 +57,8 @@ class MetricsWriter:
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+                    name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.tensorboard.add_scalar(name, value, row["step"])
         if self.echo:
             print(format_row(row, self.total_steps), flush=True)
 

@@ -20,6 +20,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -125,6 +126,12 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches (B, T): sequences split over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """One global batch from every process's own rows: process p's rows land on its devices,
+    so no process ever holds (or reads) the whole batch."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 def data_shards(mesh: Mesh) -> int:

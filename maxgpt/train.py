@@ -22,8 +22,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from maxgpt import sharding
-from maxgpt.config import Config, ConfigError
+from maxgpt.config import Config, ConfigError, load_config
+from maxgpt.checkpoint import Checkpointer
 from maxgpt.data import SyntheticSource
+from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches, describe,
+                                  resolve_corpus)
+from maxgpt.data.tokenizer import BOS_ID
+from maxgpt.evaluate import evaluate
+from maxgpt.generate import sample
 from maxgpt.flops import flops_per_token, peak_flops
 from maxgpt.metrics import MetricsWriter
 from maxgpt.model import Transformer
@@ -36,10 +42,12 @@ class Trainer:
 
     cfg: Config
     mesh: Mesh
+    graphdef: nnx.GraphDef  # the model's structure; parameters travel as pure dicts
     optimizer: optax.GradientTransformation
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Callable  # jitted (state, batch) -> (state, metrics)
+    eval_fn: Callable  # jitted (params, batch + target_bytes) -> summed (nll, tokens, bytes)
 
 
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -47,8 +55,16 @@ def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(cfg.train.seed))))
 
 
+def vocab_padding_params(cfg: Config) -> int:
+    """Parameters in the padding rows of the embedding (and untied output) tables."""
+    m = cfg.model
+    return (m.padded_vocab_size - m.vocab_size) * m.embed_dim * (1 if m.tie_embeddings else 2)
+
+
 def count_params(cfg: Config) -> int:
-    return sum(x.size for x in jax.tree.leaves(abstract_model(cfg)[1]))
+    """The model's parameters, vocabulary padding rows excluded (published counts exclude
+    them; memory and FLOP figures include them)."""
+    return sum(x.size for x in jax.tree.leaves(abstract_model(cfg)[1])) - vocab_padding_params(cfg)
 
 
 def loss_fn(params, graphdef, batch, dropout_key, z_loss: float):
@@ -103,6 +119,12 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     return new_state, metrics
 
 
+def eval_step(params, batch, *, graphdef):
+    """Summed nll, token count and target UTF-8 bytes of one batch, no dropout."""
+    _, (nll, tokens) = loss_fn(params, graphdef, batch, None, 0.0)
+    return nll, tokens, jnp.where(batch["segment_ids"] > 0, batch["target_bytes"], 0).sum()
+
+
 def _check_batch(cfg: Config, mesh: Mesh) -> None:
     shards = sharding.data_shards(mesh)
     micro = cfg.train.batch_size // cfg.train.microbatches
@@ -129,11 +151,12 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
                                         optimizer=optimizer, cfg=cfg),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
         donate_argnums=0)
-    return Trainer(cfg, mesh, optimizer, state_sh, batch_sh, step)
+    evaluate = jax.jit(lambda params, batch: eval_step(params, batch, graphdef=graphdef),
+                       in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, step, evaluate)
 
 
-def init_state(trainer: Trainer) -> dict[str, Any]:
-    """Initialise parameters and optimizer state directly in their shards (no host copy)."""
+def _init_fn(trainer: Trainer) -> Callable[[], dict[str, Any]]:
     cfg, optimizer = trainer.cfg, trainer.optimizer
 
     def init():
@@ -141,8 +164,20 @@ def init_state(trainer: Trainer) -> dict[str, Any]:
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32)}
 
+    return init
+
+
+def init_state(trainer: Trainer) -> dict[str, Any]:
+    """Initialise parameters and optimizer state directly in their shards (no host copy)."""
     with jax.set_mesh(trainer.mesh):
-        return jax.jit(init, out_shardings=trainer.state_shardings)()
+        return jax.jit(_init_fn(trainer), out_shardings=trainer.state_shardings)()
+
+
+def abstract_state(trainer: Trainer) -> dict[str, Any]:
+    """The train state's shapes and dtypes, nothing allocated: a restore target."""
+    return jax.eval_shape(_init_fn(trainer))
+
+
 
 
 def _describe_compile(compiled, seconds: float) -> str:
@@ -155,54 +190,149 @@ def _describe_compile(compiled, seconds: float) -> str:
     return text
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(
-            f"{run_dir} already holds a run; resuming arrives with checkpoints, so pick a new "
-            "--run-dir (nothing was changed)")
+def write_run_dir(cfg: Config, run_dir: Path, corpus: Corpus | None) -> None:
+    """config.yaml (the resolved config, rewritten on resume with its overrides) and the
+    tokenizer the run reads with, so that a run directory is self-contained."""
+    if jax.process_index() != 0:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if corpus is not None and corpus.tokenizer_path != run_dir / TOKENIZER_FILE:
+        (run_dir / TOKENIZER_FILE).write_bytes(corpus.tokenizer.model_proto)
+
+
+def open_corpus(cfg: Config, run_dir: Path | None) -> Corpus | None:
+    """The run's data; a run directory's own tokenizer.model wins (a resumed or evaluated
+    run reads with the tokenizer it was trained with)."""
+    own = None if run_dir is None else run_dir / TOKENIZER_FILE
+    return resolve_corpus(cfg, own if own is not None and own.is_file() else None)
+
+
+def make_source(cfg: Config, corpus: Corpus | None):
+    """This process's endless, checkpointable iterator of training batches (numpy)."""
+    process = (jax.process_index(), jax.process_count())
+    if corpus is None:
+        return SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
+                               cfg.train.seed, process)
+    return iter(batches(corpus, "train", seq_len=cfg.train.seq_len,
+                        batch_size=cfg.train.batch_size // process[1], seed=cfg.train.seed,
+                        process=process, num_workers=cfg.data.num_workers,
+                        prefetch=cfg.data.prefetch))
+
+
+def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (trainer.cfg.train.batch_size, trainer.cfg.train.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding)
+            for k in BATCH_KEYS}
+
+
+def restore_or_init(trainer: Trainer, checkpointer: Checkpointer | None, source, writer):
+    """The newest checkpoint's state (and data position), else a fresh state."""
+    step = None if checkpointer is None else checkpointer.latest_step()
+    if step is None:
+        return init_state(trainer), 0
+    state, data_state = checkpointer.restore(step, abstract_state(trainer),
+                                             trainer.state_shardings)
+    source.set_state(data_state)
+    writer.info(f"resumed from {checkpointer.directory / str(step)}")
+    return state, step
+
+
+def _due(done: int, every: int, last: int) -> bool:
+    return done == last or (every > 0 and done % every == 0)
 
 
 def run(cfg: Config, run_dir: Path | None = None, devices=None,
         echo: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train for `train.steps` steps. Returns the final state and the logged metric rows."""
+    """Train to `train.steps`, resuming from run_dir's newest checkpoint if it has one.
+
+    Returns the final state and the logged metric rows (train and eval rows).
+    """
+    run_dir = None if run_dir is None else Path(run_dir)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     trainer = build_trainer(cfg, mesh)
+    corpus = open_corpus(cfg, run_dir)
     if run_dir is not None:
-        prepare_run_dir(cfg, Path(run_dir))
-    source = SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
-                             cfg.train.seed)
+        write_run_dir(cfg, run_dir, corpus)
+    byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
     writer = MetricsWriter(run_dir, cfg.train.steps, echo)
+    checkpointer = None if run_dir is None else Checkpointer(run_dir, cfg.checkpoint.keep)
+    source = make_source(cfg, corpus)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
     peak, peak_source = peak_flops(list(mesh.devices.flat))
     writer.info(f"maxgpt: {cfg.model.name}, {count_params(cfg):,} parameters, mesh "
-                f"{dict(mesh.shape)}; mfu against {peak_source}")
+                f"{dict(mesh.shape)}, data {describe(corpus)}; mfu against {peak_source}")
 
     history = []
-    with jax.set_mesh(mesh), contextlib.closing(writer):
-        state = init_state(trainer)
+    with (jax.set_mesh(mesh), contextlib.closing(writer), contextlib.closing(source)):
+        state, first = restore_or_init(trainer, checkpointer, source, writer)
         start = time.perf_counter()
-        compiled = trainer.step_fn.lower(state, source.global_batch(0, trainer.batch_sharding)
-                                         ).compile()
+        compiled = trainer.step_fn.lower(state, _abstract_batch(trainer)).compile()
         writer.info(_describe_compile(compiled, time.perf_counter() - start))
-        last_time, last_step = time.perf_counter(), 0
-        for step in range(cfg.train.steps):
-            state, metrics = compiled(state, source.global_batch(step, trainer.batch_sharding))
+        last_time, last_step = time.perf_counter(), first
+        for step in range(first, cfg.train.steps):
+            batch = sharding.global_batch(next(source), trainer.batch_sharding)
+            state, metrics = compiled(state, batch)
             done = step + 1
-            if done % cfg.train.log_every and done != cfg.train.steps:
-                continue
-            metrics = jax.device_get(metrics)  # waits for the step: timing below is honest
-            now = time.perf_counter()
-            step_time = (now - last_time) / (done - last_step)
-            row = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"],
-                   "grad_norm": metrics["grad_norm"],
-                   "tokens_per_sec": tokens_per_step / step_time,
-                   "step_time_s": step_time,
-                   "mfu": None if peak is None else flops_per_step / step_time / peak,
-                   "tokens_seen": done * tokens_per_step}  # positions, padding included
-            writer.write(row)
-            history.append(row)
-            last_time, last_step = now, done
+            if _due(done, cfg.train.log_every, cfg.train.steps):
+                metrics = jax.device_get(metrics)  # waits for the step: honest timing
+                now = time.perf_counter()
+                step_time = (now - last_time) / (done - last_step)
+                row = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"],
+                       "grad_norm": metrics["grad_norm"],
+                       "tokens_per_sec": tokens_per_step / step_time,
+                       "step_time_s": step_time,
+                       "mfu": None if peak is None else flops_per_step / step_time / peak,
+                       "tokens_seen": done * tokens_per_step}  # training rows are never padded
+                writer.write(row)
+                history.append(row)
+                last_time, last_step = now, done
+            extra = False
+            if (corpus is not None and cfg.train.eval_every > 0
+                    and _due(done, cfg.train.eval_every, cfg.train.steps)):
+                row = {"step": done, **evaluate(trainer, state["params"], corpus, byte_lengths)}
+                writer.write(row)
+                history.append(row)
+                extra = True
+            if checkpointer is not None and _due(done, cfg.checkpoint.every, cfg.train.steps):
+                checkpointer.save(done, state, source.get_state(), cfg,
+                                  None if corpus is None else corpus.tokenizer.model_proto)
+                extra = True
+            if extra:  # evaluation and saving are not training time
+                last_time, last_step = time.perf_counter(), done
+        if checkpointer is not None:
+            checkpointer.close()
+        if corpus is not None and echo and jax.process_index() == 0:
+            print_sample(trainer, state["params"], corpus)
     return state, history
+
+
+SAMPLE_TOKENS = 160
+
+
+def print_sample(trainer: Trainer, params, corpus: Corpus) -> None:
+    """A few lines generated from bos: what the model has learned, at a glance."""
+    ids = sample(trainer.graphdef, params, [BOS_ID], max_new_tokens=SAMPLE_TOKENS,
+                 seq_len=trainer.cfg.train.seq_len, seed=trainer.cfg.train.seed)
+    print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
+          f"{corpus.tokenizer.decode(ids)}\n---", flush=True)
+
+
+def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
+                        devices=None) -> dict[str, Any]:
+    """`maxgpt eval`: held-out metrics of a run's checkpoint (default: the newest)."""
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    corpus = open_corpus(cfg, run_dir)
+    if corpus is None:
+        raise ConfigError(f"{run_dir} trained on synthetic data: there is no held-out split")
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
+    with jax.set_mesh(trainer.mesh):
+        state, _ = checkpointer.restore(step, abstract_state(trainer), trainer.state_shardings)
+        metrics = evaluate(trainer, state["params"], corpus, corpus.tokenizer.byte_lengths())
+    checkpointer.close()
+    return {"step": step, **metrics}

@@ -1,5 +1,6 @@
 """Config loading, overrides and the errors users see (one line, exit code 2)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def test_every_shipped_config_loads_and_builds_abstractly(path):
 
     cfg = load_config(path)
     graphdef, params = abstract_model(cfg)  # shapes only: llama3-405b allocates nothing
-    assert params["embed"].shape == (cfg.model.vocab_size, cfg.model.embed_dim)
+    assert params["embed"].shape == (cfg.model.padded_vocab_size, cfg.model.embed_dim)
+    assert cfg.model.padded_vocab_size % 128 == 0 and 0 <= cfg.model.padded_vocab_size - cfg.model.vocab_size < 128
     assert params["blocks"]["attn"]["q_proj"].shape[0] == cfg.model.num_layers
 
 
@@ -113,13 +115,21 @@ def test_existing_run_dir_is_refused_and_left_intact(tmp_path, capsys):
 
 
 def test_train_command_end_to_end(tmp_path):
-    """The user's path: a real process, the console entry point, a run directory."""
+    """The user's path: a real process, the console entry point, the built-in corpus, a run
+    directory with checkpoints, a held-out evaluation and a generated sample at the end."""
     proc = subprocess.run([sys.executable, "-m", "maxgpt", "train", "--config",
                            "configs/experiments/smoke.yaml", "--run-dir", str(tmp_path / "run"),
-                           "train.steps=3", "train.log_every=1"],
+                           "train.steps=3", "train.log_every=1", "train.eval_every=2",
+                           "train.eval_steps=2", "checkpoint.every=2"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert [line.split(" | ")[0] for line in proc.stdout.splitlines()] == [
-        "step 1/3", "step 2/3", "step 3/3"]
-    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 3
+    lines = proc.stdout.splitlines()
+    assert [line.split(" | ")[0] for line in lines[:5]] == [
+        "step 1/3", "step 2/3", "eval 2/3", "step 3/3", "eval 3/3"]
+    assert lines[5].startswith("--- sample: ") and lines[-1] == "---"
+    rows = [json.loads(r) for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval_loss" in r) for r in rows] == [
+        (1, False), (2, False), (2, True), (3, False), (3, True)]
     assert load_config(tmp_path / "run/config.yaml").train.steps == 3
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2", "3"]
+    assert (tmp_path / "run/tokenizer.model").is_file()

@@ -38,7 +38,14 @@ def test_params_cli_json():
                           "configs/models/llama3-8b.yaml"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     counts = json.loads(out)
-    assert counts == {"total": 8030261248, "active": 8030261248}
+    assert counts == {"total": 8030261248, "active": 8030261248, "vocab_padding": 0}
+
+
+def test_vocabulary_padding_is_excluded_from_counts_but_allocated():
+    cfg = load_config(f"{REPO}/configs/models/gpt2-xl.yaml")
+    assert cfg.model.padded_vocab_size == 50304  # 50257 rounded up to a multiple of 128
+    allocated = sum(x.size for x in jax.tree.leaves(abstract_model(cfg)[1]))
+    assert allocated - count_params(cfg) == (50304 - 50257) * 1600  # tied: one table
 
 
 @pytest.mark.parametrize("seq_len, window", [(1, 0), (7, 0), (16, 4), (16, 16), (16, 40)])
@@ -63,7 +70,8 @@ def test_matmul_params_are_the_weight_matrices_a_token_meets(preset):
 def test_flops_per_token_gpt3_175b():
     m = load_config(f"{REPO}/configs/models/gpt3-175b.yaml").model
     N, T, D = matmul_params_per_token(m), 2048, 12288
-    assert N == pytest.approx(96 * 12 * D**2 + 50257 * D)  # 4D^2 attention + 8D^2 MLP, logits
+    # 4D^2 attention + 8D^2 MLP per layer, and logits over the padded vocabulary (50304 rows)
+    assert N == pytest.approx(96 * 12 * D**2 + 50304 * D)
     # Attention, forward: QK^T and AV cost 2*D each per visible key; training is 3x that.
     dense_keys = (T + 1) / 2  # causal: query i sees i + 1 keys
     band_keys = (256 * 257 / 2 + (T - 256) * 256) / T  # banded layers: at most 256 keys

@@ -8,17 +8,20 @@ previous tokens to predict the next one, so the loss falls from ln(V) towards 0 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 MAX_STRIDE = 16
 
 
 class SyntheticSource:
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int):
+    """An endless, checkpointable iterator of this process's rows, step after step."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int,
+                 process: tuple[int, int] = (0, 1)):
         self.vocab_size, self.batch_size, self.seq_len, self.seed = (
             vocab_size, batch_size, seq_len, seed)
+        self.process = process
+        self.step = 0
 
     def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the global batch of `step`, as numpy arrays."""
@@ -36,15 +39,21 @@ class SyntheticSource:
             "segment_ids": np.ones((n, self.seq_len), np.int32),
         }
 
-    def global_batch(self, step: int, sharding: NamedSharding) -> dict[str, jax.Array]:
-        """The batch of `step` as sharded jax.Arrays; each process builds only its own rows."""
-        shape = (self.batch_size, self.seq_len)
-        first = sharding.addressable_devices_indices_map(shape)
-        rows = sorted({(idx[0].start or 0, idx[0].stop or self.batch_size)
-                       for idx in first.values()})
-        lo, hi = rows[0][0], rows[-1][1]
-        local = self.rows(step, lo, hi)
-        return {k: jax.make_array_from_callback(
-                    shape, sharding, lambda idx, v=v: v[(idx[0].start or 0) - lo:
-                                                        (idx[0].stop or self.batch_size) - lo])
-                for k, v in local.items()}
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        index, count = self.process
+        local = self.batch_size // count
+        batch = self.rows(self.step, index * local, (index + 1) * local)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        pass

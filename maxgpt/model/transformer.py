@@ -63,7 +63,8 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        V, D, pdt = cfg.vocab_size, cfg.embed_dim, jnp.dtype(cfg.param_dtype)
+        V, D, pdt = cfg.padded_vocab_size, cfg.embed_dim, jnp.dtype(cfg.param_dtype)
+        self.vocab_size = cfg.vocab_size  # rows from here to V are padding, never predicted
         self.dtype = jnp.dtype(cfg.dtype)
         self.dropout = cfg.dropout
         self.remat = cfg.remat
@@ -84,7 +85,8 @@ class Transformer(nnx.Module):
                         param(rngs, normal(cfg.init_std), (D, V), ("embed", "vocab"), pdt))
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
-        """tokens, positions, segment_ids: (B, T) int. Returns logits (B, T, V) in fp32.
+        """tokens, positions, segment_ids: (B, T) int. Returns logits (B, T, V) in fp32,
+        V the padded vocabulary, with the padding ids' logits at -1e9 (probability 0).
 
         positions default to 0..T-1 and segment ids to one document per row; packed rows give
         per-document positions and ids (0 marks padding), and no token attends across ids.
@@ -107,7 +109,10 @@ class Transformer(nnx.Module):
             logits = matmul(x, self.embed[...].T)
         else:
             logits = matmul(x, self.lm_head[...])  # (B, T, V)
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits = logits.astype(jnp.float32)
+        if logits.shape[-1] > self.vocab_size:  # a finite mask: exp() gives exactly 0, no NaN
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -1e9)
+        return constrain(logits, ("batch", "seq", "vocab"))
 
     def _run_blocks(self, x, mask, positions, dropout_key):
         graphdef, stacked = nnx.split(self.blocks)

@@ -1,0 +1,67 @@
+"""The built-in corpus: the Python standard library's source, as shipped with this interpreter.
+
+Nothing to download, real text with long-range structure, and on every machine that runs
+maxgpt. The corpus is every `*.py` file under `sysconfig`'s stdlib directory, minus
+`site-packages`/`dist-packages` (third-party code) and `__pycache__`; test files are kept
+(they are code too). docs/data.md gives its size for the Pythons we test on.
+
+On first use it is prepared (`maxgpt.data.prepare`) into the cache, and a tokenizer of the
+requested size is trained on it and cached beside it; later runs reuse both. The cache key
+is the interpreter's version and stdlib path, so a different Python gets its own corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import sysconfig
+from pathlib import Path
+
+from maxgpt.data.prepare import SUMMARY, prepare, sample_documents
+from maxgpt.data.tokenizer import train_tokenizer
+
+VALIDATION_FRACTION = 0.02  # ~36 files: a small corpus needs a larger share to evaluate on
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def cache_root() -> Path:
+    """`$MAXGPT_CACHE`, else `$XDG_CACHE_HOME/maxgpt`, else `~/.cache/maxgpt`."""
+    if os.environ.get("MAXGPT_CACHE"):
+        return Path(os.environ["MAXGPT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "maxgpt"
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py")
+                  if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts))
+
+
+def corpus_dir() -> Path:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    key = hashlib.sha256(f"{sys.version}|{stdlib}".encode()).hexdigest()[:10]
+    return cache_root() / f"builtin-python{platform.python_version()}-{key}"
+
+
+def prepared_corpus(progress: bool = True) -> Path:
+    """The prepared stdlib corpus, preparing it on first use (a few seconds)."""
+    directory = corpus_dir()
+    if not (directory / SUMMARY).is_file():
+        try:
+            prepare(stdlib_files(), directory, text_suffixes=(".py",),
+                    validation_fraction=VALIDATION_FRACTION, progress=progress)
+        except FileExistsError:  # another process prepared it at the same time
+            pass
+    return directory
+
+
+def tokenizer_path(vocab_size: int) -> Path:
+    """The cached BPE tokenizer for the built-in corpus, trained on first use (~10 s)."""
+    directory = prepared_corpus()
+    path = directory / f"tokenizer-bpe-{vocab_size}.model"
+    if not path.is_file():
+        train_tokenizer(sample_documents(directory), path, vocab_size)
+    return path

@@ -1,0 +1,252 @@
+"""Raw text -> ArrayRecord shards of documents, split into train and validation.
+
+A prepared dataset is a directory:
+
+    summary.json                    what went in, what was skipped, what each split holds
+    train-00000.array_record ...    one record per document, its UTF-8 bytes
+    validation-00000.array_record
+
+Inputs are files or directories (searched recursively, sorted, hidden entries skipped):
+
+- `.jsonl`: one JSON object per line, the document under `text_field`;
+- `.parquet`: the `text_field` column, one document per row;
+- anything else that matches `text_suffixes` (default `.txt`): one document per file.
+
+A document goes to validation when the first 8 bytes of the SHA-256 of its text, read as a
+fraction of 2**64, fall below `validation_fraction`: the split depends on the text alone, not
+on file order or machine, and exact duplicates always land in the same split.
+
+Bad documents are counted by reason and skipped (invalid UTF-8, empty, a line that is not
+JSON, a missing text field, an unreadable file); only an input with nothing usable is an error.
+The directory is written under a temporary name and renamed at the end, so a crash never
+leaves a half-prepared dataset that looks complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from array_record.python.array_record_module import ArrayRecordWriter
+from grain.sources import ArrayRecordDataSource
+from tqdm import tqdm
+
+from maxgpt.config import ConfigError
+
+SPLITS = ("train", "validation")
+SUMMARY = "summary.json"
+STRUCTURED_SUFFIXES = (".jsonl", ".parquet")
+PARQUET_BATCH_ROWS = 1024
+
+
+def is_validation(text: str, fraction: float) -> bool:
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def find_inputs(paths: Sequence[str | Path], text_suffixes: Sequence[str]) -> list[Path]:
+    """The files to read, in a fixed order; a missing path is an error."""
+    wanted = {s.lower() for s in (*text_suffixes, *STRUCTURED_SUFFIXES)}
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in wanted
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        else:
+            raise ConfigError(f"input not found: {path}")
+    return files
+
+
+class _Reader:
+    """Yields the documents of input files, counting what it has to skip and why."""
+
+    def __init__(self, text_field: str):
+        self.text_field = text_field
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def _accept(self, text: object) -> str | None:
+        if not isinstance(text, str):
+            self.skipped["missing_field" if text is None else "not_text"] += 1
+            return None
+        if not text.strip():
+            self.skipped["empty"] += 1
+            return None
+        return text
+
+    def _decode(self, data: bytes) -> str | None:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.skipped["invalid_utf8"] += 1
+            return None
+
+    def documents(self, path: Path) -> Iterator[str]:
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".jsonl":
+                yield from self._jsonl(path)
+            elif suffix == ".parquet":
+                yield from self._parquet(path)
+            else:
+                text = self._decode(path.read_bytes())
+                if text is not None and (text := self._accept(text)) is not None:
+                    yield text
+        except OSError:
+            self.skipped["unreadable_file"] += 1
+
+    def _jsonl(self, path: Path) -> Iterator[str]:
+        with path.open("rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                raw = self._decode(line)
+                if raw is None:
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    self.skipped["invalid_json"] += 1
+                    continue
+                value = record.get(self.text_field) if isinstance(record, dict) else None
+                if (text := self._accept(value)) is not None:
+                    yield text
+
+    def _parquet(self, path: Path) -> Iterator[str]:
+        import pyarrow.parquet as pq  # a heavy import, needed only here
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception:  # pyarrow raises several types for files that are not parquet
+            self.skipped["unreadable_file"] += 1
+            return
+        if self.text_field not in table.schema_arrow.names:
+            self.skipped["missing_field"] += table.metadata.num_rows
+            return
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS,
+                                        columns=[self.text_field]):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, bytes):
+                    value = self._decode(value)
+                    if value is None:
+                        continue
+                if (text := self._accept(value)) is not None:
+                    yield text
+
+
+class _ShardWriter:
+    """ArrayRecord shards of one split, a new shard every `shard_bytes`."""
+
+    def __init__(self, directory: Path, split: str, shard_bytes: int):
+        self.directory, self.split, self.shard_bytes = directory, split, shard_bytes
+        self.shards: list[str] = []
+        self.documents = self.bytes = self._in_shard = 0
+        self._writer = None
+
+    def write(self, data: bytes) -> None:
+        if self._writer is None or self._in_shard >= self.shard_bytes:
+            self.close()
+            name = f"{self.split}-{len(self.shards):05d}.array_record"
+            # group_size:1 makes every record its own chunk: cheap random access by index.
+            self._writer = ArrayRecordWriter(str(self.directory / name), "group_size:1")
+            self.shards.append(name)
+            self._in_shard = 0
+        self._writer.write(data)
+        self.documents += 1
+        self.bytes += len(data)
+        self._in_shard += len(data)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = "text",
+            text_suffixes: Sequence[str] = (".txt",), validation_fraction: float = 0.01,
+            shard_bytes: int = 128 * 2**20, progress: bool = True) -> dict:
+    """Write the prepared dataset to `out` and return its summary."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; choose a new output "
+                          "directory (nothing was changed)")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ConfigError(f"validation fraction must be in [0, 1), got {validation_fraction}")
+    files = find_inputs(inputs, text_suffixes)
+    if not files:
+        raise ConfigError(f"no input files ({', '.join((*text_suffixes, *STRUCTURED_SUFFIXES))})"
+                          f" under {', '.join(map(str, inputs))}")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # unique: processes may race
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    reader = _Reader(text_field)
+    writers = {split: _ShardWriter(tmp, split, shard_bytes) for split in SPLITS}
+    total = sum(f.stat().st_size for f in files)
+    # disable=None: a bar on a terminal, nothing in logs and pipes
+    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if progress else True,
+              leave=False) as bar:
+        for path in files:
+            for text in reader.documents(path):
+                split = "validation" if is_validation(text, validation_fraction) else "train"
+                writers[split].write(text.encode())
+            bar.update(path.stat().st_size)
+    for writer in writers.values():
+        writer.close()
+    summary = {
+        "inputs": [str(p) for p in inputs], "files": len(files), "text_field": text_field,
+        "validation_fraction": validation_fraction,
+        "splits": {s: {"documents": w.documents, "bytes": w.bytes, "shards": w.shards}
+                   for s, w in writers.items()},
+        "skipped": dict(sorted(reader.skipped.items())),
+    }
+    if writers["train"].documents == 0:
+        shutil.rmtree(tmp)
+        raise ConfigError(f"no usable training documents in {', '.join(map(str, inputs))} "
+                          f"(skipped: {summary['skipped'] or 'nothing'})")
+    (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()  # checked empty above
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its copy first
+        shutil.rmtree(tmp)
+        raise FileExistsError(out) from None
+    return summary
+
+
+def read_summary(directory: str | Path) -> dict:
+    """The summary of a prepared dataset; a clear error for anything else."""
+    path = Path(directory) / SUMMARY
+    if not Path(directory).is_dir():
+        raise ConfigError(f"dataset directory not found: {directory}")
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not a prepared dataset (no {SUMMARY}); "
+                          "run `maxgpt prepare` on your text first")
+    return json.loads(path.read_text())
+
+
+def document_source(directory: str | Path, split: str) -> ArrayRecordDataSource:
+    """Random access to the documents (UTF-8 bytes) of one split of a prepared dataset."""
+    directory = Path(directory)
+    shards = read_summary(directory)["splits"][split]["shards"]
+    if not shards:
+        raise ConfigError(f"{directory} has no {split} documents")
+    return ArrayRecordDataSource([str(directory / shard) for shard in shards])
+
+
+def sample_documents(directory: str | Path, split: str = "train", seed: int = 0) -> Iterator[str]:
+    """A split's documents in a seeded random order, read lazily (a tokenizer's training
+    sample should not be the alphabetically first files)."""
+    source = document_source(directory, split)
+    for index in np.random.default_rng(seed).permutation(len(source)):
+        yield source[int(index)].decode()
