@@ -221,3 +221,19 @@ def test_dropout_is_keyed_and_off_without_a_key():
     np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
     assert np.abs(np.asarray(a) - np.asarray(eval_out)).max() > 1e-3
+
+
+def test_padded_vocabulary_rows_are_never_predicted():
+    """vocab 200 is stored as 256 rows (a multiple of 128); ids 200.. get probability 0 and
+    the distribution over real ids equals an unpadded model's with the same weights."""
+    cfg = make_config("tiny", "model.vocab_size=200").model
+    model, p = randomized(Transformer(cfg, nnx.Rngs(0)), std=0.1)
+    assert p["embed"].shape[0] == 256 and p["lm_head"].shape[1] == 256
+    tokens, positions, segments = packed_batch(vocab=200)
+    logits = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions),
+                              jnp.asarray(segments)), np.float64)
+    assert logits.shape[-1] == 256 and np.all(logits[..., 200:] == -1e9)
+    unpadded = dict(p, embed=p["embed"][:200], lm_head=p["lm_head"][:, :200])
+    close(logits[..., :200], ref.forward(unpadded, tokens, cfg, positions, segments), 5e-4)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    assert probs[..., 200:].max() == 0.0

@@ -64,10 +64,12 @@ def test_initialised_params_live_in_their_shards(overrides, name, spec):
 
 def test_no_involuntary_resharding_on_a_three_axis_mesh(tmp_path):
     """XLA warns when the layouts we ask for can only be met by replicating a tensor (an
-    all-gather of activations on every step). The embedding lookups once caused that."""
+    all-gather of activations on every step). The embedding lookups once caused that. The
+    run reads the built-in corpus, so the evaluation step is checked as well."""
     proc = subprocess.run(
         [sys.executable, "-m", "maxgpt", "train", "--config", "configs/models/tiny-gpt2.yaml",
          "--run-dir", str(tmp_path / "run"), "train.steps=1", "mesh.data=2", "mesh.fsdp=2",
-         "mesh.tensor=2"], cwd=REPO, capture_output=True, text=True)
+         "mesh.tensor=2", "model.vocab_size=512", "train.eval_steps=1"],
+        cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Involuntary full rematerialization" not in proc.stderr

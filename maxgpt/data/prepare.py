@@ -193,8 +193,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = 
     writers = {split: _ShardWriter(tmp, split, shard_bytes) for split in SPLITS}
     total = sum(f.stat().st_size for f in files)
     # disable=None: a bar on a terminal, nothing in logs and pipes
-    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if progress else True,
-              leave=False) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", leave=False,
+              disable=None if progress else True) as bar:
         for path in files:
             for text in reader.documents(path):
                 split = "validation" if is_validation(text, validation_fraction) else "train"
