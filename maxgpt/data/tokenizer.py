@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
+from tqdm import tqdm
 
 from maxgpt.config import ConfigError
 
@@ -77,27 +78,36 @@ class Tokenizer:
         return lengths
 
 
-def _chunks(documents: Iterable[str], sample_bytes: int) -> Iterator[str]:
-    """Documents cut at line ends into training sentences, until `sample_bytes` are given."""
+def _line_chunks(doc: str) -> Iterator[str]:
+    """A document cut at line ends into pieces of at most TRAIN_CHUNK_CHARS."""
+    chunk = ""
+    for line in doc.splitlines(keepends=True):
+        if chunk and len(chunk) + len(line) > TRAIN_CHUNK_CHARS:
+            yield chunk
+            chunk = ""
+        chunk += line[:TRAIN_CHUNK_CHARS]
+    if chunk:
+        yield chunk
+
+
+def _sample(documents: Iterable[str], sample_bytes: int, progress: bool) -> Iterator[str]:
+    """Training sentences from whole documents, until `sample_bytes` were given."""
     given = 0
-    for doc in documents:
-        chunk = ""
-        for line in doc.splitlines(keepends=True):
-            if chunk and len(chunk) + len(line) > TRAIN_CHUNK_CHARS:
+    # disable=None: a bar on a terminal, nothing in logs and pipes
+    with tqdm(total=sample_bytes, unit="B", unit_scale=True, desc="tokenizer sample",
+              leave=False, disable=None if progress else True) as bar:
+        for doc in documents:
+            for chunk in _line_chunks(doc):
                 yield chunk
                 given += len(chunk.encode())
-                chunk = ""
-            chunk += line[:TRAIN_CHUNK_CHARS]
-        if chunk:
-            yield chunk
-            given += len(chunk.encode())
-        if given >= sample_bytes:
-            return
+                bar.update(len(chunk.encode()))
+            if given >= sample_bytes:
+                return
 
 
 def train_tokenizer(documents: Iterable[str], out: str | Path, vocab_size: int,
                     model_type: str = "bpe", sample_bytes: int = 32_000_000,
-                    threads: int = 2) -> Tokenizer:
+                    threads: int = 2, progress: bool = True) -> Tokenizer:
     """Train on the first `sample_bytes` of `documents` (give them shuffled) and write `out`.
 
     Deterministic: the same documents give the same model file.
@@ -109,7 +119,7 @@ def train_tokenizer(documents: Iterable[str], out: str | Path, vocab_size: int,
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_chunks(documents, sample_bytes), model_writer=model,
+            sentence_iterator=_sample(documents, sample_bytes, progress), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
