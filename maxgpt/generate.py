@@ -16,9 +16,10 @@ from maxgpt.data.tokenizer import EOS_ID
 
 
 def sample(graphdef: nnx.GraphDef, params, prompt: list[int], *, max_new_tokens: int,
-           seq_len: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> list[int]:
-    """Continue `prompt` (token ids) by up to `max_new_tokens`, stopping at eos or at
-    `seq_len`. Returns the new ids. temperature 0 is greedy."""
+           seq_len: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
+           min_new_tokens: int = 0) -> list[int]:
+    """Continue `prompt` (token ids) by up to `max_new_tokens`, stopping at eos (never
+    before `min_new_tokens`) or at `seq_len`. Returns the new ids. temperature 0 is greedy."""
 
     @jax.jit
     def next_logits(params, tokens, index):
@@ -31,6 +32,8 @@ def sample(graphdef: nnx.GraphDef, params, prompt: list[int], *, max_new_tokens:
     new: list[int] = []
     for position in range(len(prompt), min(len(prompt) + max_new_tokens, seq_len)):
         logits = np.asarray(next_logits(params, jnp.asarray(buffer), position - 1), np.float64)
+        if len(new) < min_new_tokens:
+            logits[EOS_ID] = -np.inf
         if temperature == 0:
             token = int(logits.argmax())
         else:

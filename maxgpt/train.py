@@ -275,7 +275,7 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
             batch = sharding.global_batch(next(source), trainer.batch_sharding)
             state, metrics = compiled(state, batch)
             done = step + 1
-            if _due(done, cfg.train.log_every, cfg.train.steps):
+            if done == first + 1 or _due(done, cfg.train.log_every, cfg.train.steps):
                 metrics = jax.device_get(metrics)  # waits for the step: honest timing
                 now = time.perf_counter()
                 step_time = (now - last_time) / (done - last_step)
@@ -314,7 +314,8 @@ SAMPLE_TOKENS = 160
 def print_sample(trainer: Trainer, params, corpus: Corpus) -> None:
     """A few lines generated from bos: what the model has learned, at a glance."""
     ids = sample(trainer.graphdef, params, [BOS_ID], max_new_tokens=SAMPLE_TOKENS,
-                 seq_len=trainer.cfg.train.seq_len, seed=trainer.cfg.train.seed)
+                 seq_len=trainer.cfg.train.seq_len, seed=trainer.cfg.train.seed,
+                 min_new_tokens=SAMPLE_TOKENS // 2)
     print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
           f"{corpus.tokenizer.decode(ids)}\n---", flush=True)
 

@@ -10,7 +10,8 @@ import pytest
 from maxgpt import cli
 from maxgpt.config import ConfigError
 from maxgpt.data import builtin
-from maxgpt.data.pipeline import BATCH_KEYS, Corpus, _documents, batches, resolve_corpus
+from maxgpt.data.pipeline import (BATCH_KEYS, ROW_SHUFFLE_WINDOW, Corpus, _documents, batches,
+                                  packed_rows, resolve_corpus)
 from maxgpt.data.prepare import document_source, is_validation, prepare, sample_documents
 from maxgpt.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
 from tests.conftest import REPO, make_config
@@ -49,16 +50,18 @@ def epoch_pairs(corpus: Corpus, docs: list[str]) -> int:
     return sum(len(corpus.tokenizer.encode_document(d)) - 1 for d in docs)
 
 
-def stream(batch_iter, pairs: int) -> tuple[list[dict], np.ndarray]:
-    """Rows until `pairs` predictions were read; and the inputs of those, in order."""
+def stream(row_iter, pairs: int) -> tuple[list[dict], np.ndarray]:
+    """Packed rows until `pairs` predictions were read; and the inputs of those, in order."""
     rows, taken = [], 0
     while taken < pairs:
-        batch = next(batch_iter)
-        for r in range(batch["inputs"].shape[0]):
-            rows.append({k: batch[k][r] for k in BATCH_KEYS})
-            taken += int((batch["segment_ids"][r] > 0).sum())
+        rows.append(next(row_iter))
+        taken += int((rows[-1]["segment_ids"] > 0).sum())
     inputs = np.concatenate([row["inputs"][row["segment_ids"] > 0] for row in rows])
     return rows, inputs[:pairs]
+
+
+def rows_of(corpus, seed, **kwargs):
+    return iter(packed_rows(corpus, "train", seq_len=SEQ, seed=seed, **kwargs))
 
 
 def split_at_bos(inputs: np.ndarray) -> list[tuple[int, ...]]:
@@ -68,8 +71,7 @@ def split_at_bos(inputs: np.ndarray) -> list[tuple[int, ...]]:
 
 def test_packing_loses_and_duplicates_nothing_within_an_epoch(corpus):
     docs = split_documents(corpus, "train")
-    it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=7))
-    rows, inputs = stream(it, epoch_pairs(corpus, docs))
+    rows, inputs = stream(rows_of(corpus, 7), epoch_pairs(corpus, docs))
     # Every document starts with bos and bos appears nowhere else, so cutting the packed
     # stream at bos gives back the epoch's documents: each exactly once.
     expected = sorted(tuple(corpus.tokenizer.encode_document(d)[:-1]) for d in docs)
@@ -78,7 +80,7 @@ def test_packing_loses_and_duplicates_nothing_within_an_epoch(corpus):
 
 
 def test_segments_never_cross_documents(corpus):
-    it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=7))
+    it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=7))  # rows shuffled
     for _ in range(30):
         batch = next(it)
         for r in range(4):
@@ -105,11 +107,22 @@ def test_shuffle_is_deterministic_in_the_seed(corpus):
 def test_epochs_are_reshuffled_and_complete(corpus):
     docs = split_documents(corpus, "train")
     pairs = epoch_pairs(corpus, docs)
-    it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=1))
-    _, two_epochs = stream(it, 2 * pairs)
+    _, two_epochs = stream(rows_of(corpus, 1), 2 * pairs)
     first, second = split_at_bos(two_epochs[:pairs]), split_at_bos(two_epochs[pairs:])
     assert sorted(first) == sorted(second)
     assert first != second  # epoch 2 in a new order
+
+
+def test_batches_are_the_packed_rows_shuffled_within_windows(corpus):
+    window = ROW_SHUFFLE_WINDOW
+    rows = rows_of(corpus, 4)
+    packed = [tuple(next(rows)["inputs"]) for _ in range(2 * window)]
+    it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=8, seed=4))
+    batched = [tuple(row) for _ in range(2 * window // 8) for row in next(it)["inputs"]]
+    for w in range(2):  # each window is a permutation of the same window of packed rows
+        part = slice(w * window, (w + 1) * window)
+        assert sorted(batched[part]) == sorted(packed[part])
+    assert batched[:window] != packed[:window]
 
 
 def test_processes_read_disjoint_shares_that_cover_everything(corpus):
@@ -128,14 +141,16 @@ def test_processes_read_disjoint_shares_that_cover_everything(corpus):
     assert not np.array_equal(a["inputs"], b["inputs"])
 
 
-@pytest.mark.parametrize("workers, prefetch", [(0, 0), (0, 2), (2, 2)])
-def test_restored_iterator_continues_with_identical_batches(corpus, workers, prefetch):
+@pytest.mark.parametrize("workers, prefetch, before", [
+    (0, 0, 7), (0, 2, 7), (2, 2, 7),  # mid-window, a document split across the boundary
+    (0, 2, ROW_SHUFFLE_WINDOW // 4), (0, 0, ROW_SHUFFLE_WINDOW // 4 + 3)])  # window edges
+def test_restored_iterator_continues_with_identical_batches(corpus, workers, prefetch, before):
     def make():
         return iter(batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=2,
                             num_workers=workers, prefetch=prefetch))
 
     it = make()
-    for _ in range(7):  # mid-epoch, with a document split across the boundary
+    for _ in range(before):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
     expected = [next(it) for _ in range(6)]
@@ -170,8 +185,7 @@ def test_mixture_follows_the_weights(corpus, tmp_path):
     prepare([other], tmp_path / "other-prepared", validation_fraction=0.0, progress=False)
     mixed = Corpus((corpus.sources[0], (tmp_path / "other-prepared", 3.0)),
                    corpus.tokenizer_path, corpus.tokenizer)
-    it = iter(batches(mixed, "train", seq_len=SEQ, batch_size=4, seed=0))
-    _, inputs = stream(it, 6000)
+    _, inputs = stream(iter(packed_rows(mixed, "train", seq_len=SEQ, seed=0)), 6000)
     docs = split_at_bos(inputs)[:-1]
     marker = tuple(corpus.tokenizer.encode("import x\n"))
     from_other = sum(d[1:1 + len(marker)] == marker for d in docs)

@@ -139,7 +139,7 @@ def test_run_dir_metrics_and_config(tmp_path):
     cfg = make_config("tiny", *BASE, "train.log_every=2")
     train.run(cfg, tmp_path / "run", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert [r["step"] for r in rows] == [1, 2, 4, 5]  # the first, every 2nd, the last
     for row in rows:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "mfu",
                 "tokens_seen"} <= row.keys()
