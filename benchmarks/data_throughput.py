@@ -31,9 +31,8 @@ def pipeline_tokens_per_sec(cfg, workers: int, n_batches: int) -> tuple[float, f
     """(seconds to the first batch, tokens/s over the next n_batches)."""
     corpus = resolve_corpus(cfg)
     start = time.perf_counter()
-    it = iter(batches(corpus, "train", seq_len=cfg.train.seq_len,
-                      batch_size=cfg.train.batch_size, seed=0, num_workers=workers,
-                      prefetch=cfg.data.prefetch))
+    it = batches(corpus, "train", seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                 seed=0, num_workers=workers, prefetch=cfg.data.prefetch)
     next(it)
     first = time.perf_counter() - start
     start = time.perf_counter()

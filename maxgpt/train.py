@@ -214,10 +214,10 @@ def make_source(cfg: Config, corpus: Corpus | None):
     if corpus is None:
         return SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
                                cfg.train.seed, process)
-    return iter(batches(corpus, "train", seq_len=cfg.train.seq_len,
-                        batch_size=cfg.train.batch_size // process[1], seed=cfg.train.seed,
-                        process=process, num_workers=cfg.data.num_workers,
-                        prefetch=cfg.data.prefetch))
+    return batches(corpus, "train", seq_len=cfg.train.seq_len,
+                   batch_size=cfg.train.batch_size // process[1], seed=cfg.train.seed,
+                   process=process, num_workers=cfg.data.num_workers,
+                   prefetch=cfg.data.prefetch)
 
 
 def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:

@@ -97,7 +97,7 @@ def test_segments_never_cross_documents(corpus):
 
 def test_shuffle_is_deterministic_in_the_seed(corpus):
     def first(seed):
-        it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=seed))
+        it = batches(corpus, "train", seq_len=SEQ, batch_size=4, seed=seed)
         return np.stack([next(it)["inputs"] for _ in range(5)])
 
     np.testing.assert_array_equal(first(3), first(3))
@@ -117,7 +117,7 @@ def test_batches_are_the_packed_rows_shuffled_within_windows(corpus):
     window = ROW_SHUFFLE_WINDOW
     rows = rows_of(corpus, 4)
     packed = [tuple(next(rows)["inputs"]) for _ in range(2 * window)]
-    it = iter(batches(corpus, "train", seq_len=SEQ, batch_size=8, seed=4))
+    it = batches(corpus, "train", seq_len=SEQ, batch_size=8, seed=4)
     batched = [tuple(row) for _ in range(2 * window // 8) for row in next(it)["inputs"]]
     for w in range(2):  # each window is a permutation of the same window of packed rows
         part = slice(w * window, (w + 1) * window)
@@ -136,8 +136,8 @@ def test_processes_read_disjoint_shares_that_cover_everything(corpus):
     assert sorted(shares[0] + shares[1]) == everything
     assert abs(len(shares[0]) - len(shares[1])) <= 1
     # and the packed batches of the two processes differ
-    a = next(iter(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, process=(0, 2))))
-    b = next(iter(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, process=(1, 2))))
+    a = next(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, process=(0, 2)))
+    b = next(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, process=(1, 2)))
     assert not np.array_equal(a["inputs"], b["inputs"])
 
 

@@ -6,8 +6,9 @@ Per source (a prepared dataset directory), as a grain `MapDataset`:
         -> repeat (reshuffled every epoch) -> tokenise (bos text eos)
 
 then a weighted mixture of the sources, tokenisation in `data.num_workers` processes
-(`mp_prefetch`, which keeps the order of the single-process pipeline), packing, batching
-and a prefetch thread, as `IterDataset`s.
+(`mp_prefetch`, which keeps the order of the single-process pipeline), packing, a shuffle
+of the packed rows in windows (training only), batching and a prefetch thread, as
+`IterDataset`s.
 
 Packing is concat-then-split (grain's `ConcatThenSplitIterDataset`) over (input, target)
 pairs: each document of n tokens gives n-1 pairs, `inputs = doc[:-1], targets = doc[1:]`,
@@ -239,8 +240,8 @@ def eval_batches(corpus: Corpus, cfg: Config, process: tuple[int, int]
     """The first `train.eval_steps` validation batches, the same ones every time; once the
     split is exhausted, padding batches (so every process runs the same number of steps)."""
     local = cfg.train.batch_size // process[1]
-    it = iter(batches(corpus, "validation", seq_len=cfg.train.seq_len, batch_size=local,
-                      seed=None, process=process))
+    it = batches(corpus, "validation", seq_len=cfg.train.seq_len, batch_size=local,
+                 seed=None, process=process)
     empty = {k: np.zeros((local, cfg.train.seq_len), np.int32) for k in BATCH_KEYS}
     for _ in range(cfg.train.eval_steps):
         batch = next(it, None)
