@@ -5,8 +5,9 @@ benchmark shape's tokenizer and row length; the first batch (process start-up, f
 is timed separately, then `--batches` batches are timed and reported as tokens/s. The
 trainer's consumption is measured in the same run: the benchmark shape's train step
 (configs/experiments/bench-cpu.yaml, synthetic batches, one device), median of `--steps`
-steps after two warm-up steps. The ratio pipeline / trainer must stay above 10 so data
-never stalls a step. Results are recorded in docs/benchmarks.md.
+steps timed by train_throughput.py's `time_steps` (two warm-up steps first). The ratio
+pipeline / trainer must stay above 10 so data never stalls a step. Results are recorded
+in docs/benchmarks.md.
 
     python benchmarks/data_throughput.py [--batches 200] [--steps 5] [--json]
 """
@@ -18,13 +19,10 @@ import json
 import statistics
 import time
 
-import jax
+from train_throughput import time_steps  # benchmarks/ is on sys.path when run as a script
 
-from maxgpt import sharding
 from maxgpt.config import load_config
 from maxgpt.data.pipeline import batches, resolve_corpus
-from maxgpt.data.synthetic import SyntheticSource
-from maxgpt.train import build_trainer, init_state
 
 
 def pipeline_tokens_per_sec(cfg, workers: int, n_batches: int) -> tuple[float, float]:
@@ -45,21 +43,8 @@ def pipeline_tokens_per_sec(cfg, workers: int, n_batches: int) -> tuple[float, f
 
 
 def trainer_tokens_per_sec(cfg, steps: int) -> float:
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    trainer = build_trainer(cfg, mesh)
-    source = SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len, 0)
-    with jax.set_mesh(mesh):
-        state = init_state(trainer)
-        batch = sharding.global_batch(next(source), trainer.batch_sharding)
-        compiled = trainer.step_fn.lower(state, batch).compile()
-        times = []
-        for i in range(steps + 2):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return cfg.train.batch_size * cfg.train.seq_len / statistics.median(times)
+    step_seconds = [seconds for _, seconds in time_steps(cfg, steps)]
+    return cfg.train.batch_size * cfg.train.seq_len / statistics.median(step_seconds)
 
 
 def main() -> None:

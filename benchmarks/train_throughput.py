@@ -36,7 +36,7 @@ def time_steps(cfg, steps: int) -> list[tuple[float, float]]:
     source = SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len, 0)
     with jax.set_mesh(mesh):
         state = init_state(trainer)
-        batches = [sharding.global_batch(next(source), trainer.batch_sharding) for _ in range(3)]
+        batches = [trainer.global_batch(next(source)) for _ in range(3)]
         compiled = trainer.step_fn.lower(state, batches[0]).compile()
         for batch in batches[:2]:  # warm-up
             state, metrics = compiled(state, batch)

@@ -4,8 +4,8 @@ Each step directory holds four orbax items, all readable with plain orbax:
 
     state/      the train state pytree: {"params": ..., "opt_state": ..., "step": int32}
                 (StandardCheckpointHandler; restored straight into the mesh's shardings)
-    data/       the data iterator's state, `process_<i>-of-<n>.json`, one per process
-                (grain's orbax handler)
+    data/       `process_<i>-of-<n>.json`, one per process (grain's orbax handler):
+                {"pipeline": the data settings it is valid for, "iterator": grain's state}
     config/     the resolved run config (JSON)
     tokenizer/  {"sentencepiece_model_base64": ...} (JSON), or {} for synthetic data
 
@@ -65,6 +65,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, cfg: Config,
              tokenizer_proto: bytes | None) -> None:
+        """Start saving `step`. Returns once the arrays are copied off the devices (orbax
+        does that before its background write), so the caller may donate `state` next."""
         tokenizer = ({} if tokenizer_proto is None else
                      {"sentencepiece_model_base64": base64.b64encode(tokenizer_proto).decode()})
         self.manager.save(step, args=ocp.args.Composite(
@@ -73,17 +75,28 @@ class Checkpointer:
             config=ocp.args.JsonSave(cfg.to_dict()),
             tokenizer=ocp.args.JsonSave(tokenizer)), force=True)
 
-    def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
-        """The train state, placed in `shardings`, and the data iterator state of `step`."""
+    def restore(self, step: int, abstract_state: Any, shardings: Any,
+                data: bool = True) -> tuple[Any, dict | None]:
+        """The train state of `step`, placed in `shardings`, and (if `data`) the saved data
+        iterator state of this process."""
         if step not in self.manager.all_steps():
             raise ConfigError(f"no checkpoint of step {step} in {self.directory}; it has "
                               f"{sorted(self.manager.all_steps()) or 'none'}")
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               abstract_state, shardings)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(_IteratorState())))
-        return restored["state"], restored["data"].state
+        items = {"state": ocp.args.StandardRestore(target)}
+        if data:
+            items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState())
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if "process_" in str(e):  # grain: no iterator file for this process index/count
+                raise ConfigError(
+                    f"checkpoint {step} in {self.directory} was written by a different number "
+                    f"of processes than this run's {jax.process_count()}; its data position "
+                    "cannot be resumed") from None
+            raise
+        return restored["state"], restored["data"].state if data else None
 
     def close(self) -> None:
         self.manager.wait_until_finished()

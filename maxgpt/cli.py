@@ -59,10 +59,14 @@ def cmd_eval(args) -> int:
 def cmd_prepare(args) -> int:
     from maxgpt.data.prepare import prepare
 
-    summary = prepare(args.inputs, args.out, text_field=args.text_field,
-                      text_suffixes=args.text_suffix or (".txt",),
-                      validation_fraction=args.validation_fraction,
-                      shard_bytes=int(args.shard_mb * 2**20))
+    try:
+        summary = prepare(args.inputs, args.out, text_field=args.text_field,
+                          text_suffixes=args.text_suffix or (".txt",),
+                          validation_fraction=args.validation_fraction,
+                          shard_bytes=int(args.shard_mb * 2**20))
+    except FileExistsError:
+        raise ConfigError(f"{args.out} was created by another process while preparing; "
+                          "nothing of it was changed") from None
     splits = summary["splits"]
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     print(f"{args.out}: {summary['files']} files -> train {splits['train']['documents']:,} "

@@ -50,7 +50,22 @@ class MetricsWriter:
             self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
             self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-    def write(self, row: dict[str, Any]) -> None:
+    def drop_rows_after(self, step: int) -> None:
+        """Forget rows past `step` (a run resumed from its step-`step` checkpoint trains and
+        logs those steps again; metrics.jsonl keeps one row per step and kind)."""
+        if self.file is None:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in rows))
+        tmp.replace(path)
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Log one row (JSON, TensorBoard, console); returns it as written."""
         row = {k: _plain(v) for k, v in row.items()}
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
@@ -61,6 +76,7 @@ class MetricsWriter:
                     self.tensorboard.add_scalar(name, value, row["step"])
         if self.echo:
             print(format_row(row, self.total_steps), flush=True)
+        return row
 
     def info(self, text: str) -> None:
         if self.echo:

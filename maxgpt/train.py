@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import yaml
 from flax import nnx
@@ -25,8 +28,8 @@ from maxgpt import sharding
 from maxgpt.config import Config, ConfigError, load_config
 from maxgpt.checkpoint import Checkpointer
 from maxgpt.data import SyntheticSource
-from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches, describe,
-                                  resolve_corpus)
+from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches,
+                                  check_eval_split, describe, resolve_corpus)
 from maxgpt.data.tokenizer import BOS_ID
 from maxgpt.evaluate import evaluate
 from maxgpt.generate import sample
@@ -46,8 +49,13 @@ class Trainer:
     optimizer: optax.GradientTransformation
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
+    batch_share: tuple[int, int]  # (index, count): the rows this process feeds, see sharding
     step_fn: Callable  # jitted (state, batch) -> (state, metrics)
     eval_fn: Callable  # jitted (params, batch + target_bytes) -> summed (nll, tokens, bytes)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows (its `batch_share`) -> the sharded global batch."""
+        return sharding.global_batch(local, self.batch_sharding, self.cfg.train.batch_size)
 
 
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -153,7 +161,8 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         donate_argnums=0)
     evaluate = jax.jit(lambda params, batch: eval_step(params, batch, graphdef=graphdef),
                        in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, step, evaluate)
+    share = sharding.batch_share(batch_sh, cfg.train.batch_size)
+    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, share, step, evaluate)
 
 
 def _init_fn(trainer: Trainer) -> Callable[[], dict[str, Any]]:
@@ -178,8 +187,6 @@ def abstract_state(trainer: Trainer) -> dict[str, Any]:
     return jax.eval_shape(_init_fn(trainer))
 
 
-
-
 def _describe_compile(compiled, seconds: float) -> str:
     text = f"compiled train step in {seconds:.1f}s"
     memory = compiled.memory_analysis()
@@ -197,8 +204,11 @@ def write_run_dir(cfg: Config, run_dir: Path, corpus: Corpus | None) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if corpus is not None and corpus.tokenizer_path != run_dir / TOKENIZER_FILE:
-        (run_dir / TOKENIZER_FILE).write_bytes(corpus.tokenizer.model_proto)
+    own = run_dir / TOKENIZER_FILE
+    if corpus is not None and corpus.tokenizer_path != own:
+        tmp = own.with_name(f"{own.name}.partial-{uuid.uuid4().hex}")
+        tmp.write_bytes(corpus.tokenizer.model_proto)
+        tmp.replace(own)  # other processes may be reading it: never a half-written file
 
 
 def open_corpus(cfg: Config, run_dir: Path | None) -> Corpus | None:
@@ -208,16 +218,16 @@ def open_corpus(cfg: Config, run_dir: Path | None) -> Corpus | None:
     return resolve_corpus(cfg, own if own is not None and own.is_file() else None)
 
 
-def make_source(cfg: Config, corpus: Corpus | None):
-    """This process's endless, checkpointable iterator of training batches (numpy)."""
-    process = (jax.process_index(), jax.process_count())
+def make_source(trainer: Trainer, corpus: Corpus | None):
+    """This process's endless, checkpointable iterator of its share of every training batch
+    (numpy rows)."""
+    cfg, share = trainer.cfg, trainer.batch_share
     if corpus is None:
         return SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
-                               cfg.train.seed, process)
+                               cfg.train.seed, share)
     return batches(corpus, "train", seq_len=cfg.train.seq_len,
-                   batch_size=cfg.train.batch_size // process[1], seed=cfg.train.seed,
-                   process=process, num_workers=cfg.data.num_workers,
-                   prefetch=cfg.data.prefetch)
+                   batch_size=cfg.train.batch_size // share[1], seed=cfg.train.seed,
+                   process=share, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
 
 
 def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
@@ -226,14 +236,33 @@ def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
             for k in BATCH_KEYS}
 
 
-def restore_or_init(trainer: Trainer, checkpointer: Checkpointer | None, source, writer):
+def data_fingerprint(trainer: Trainer, corpus: Corpus | None) -> dict[str, Any]:
+    """What a saved iterator state is only valid for: resuming with other data settings
+    would read other batches (or fail inside grain), so a mismatch is reported instead."""
+    cfg = trainer.cfg
+    tokenizer = None if corpus is None else hashlib.sha256(
+        corpus.tokenizer.model_proto).hexdigest()[:16]
+    return {"source": cfg.data.source, "sources": cfg.data.sources, "tokenizer": tokenizer,
+            "seq_len": cfg.train.seq_len, "seed": cfg.train.seed,
+            "batch_share": list(trainer.batch_share), "num_workers": cfg.data.num_workers,
+            "prefetch": cfg.data.prefetch > 0}
+
+
+def restore_or_init(trainer: Trainer, checkpointer: Checkpointer | None, source,
+                    fingerprint: dict, writer: MetricsWriter) -> tuple[dict[str, Any], int]:
     """The newest checkpoint's state (and data position), else a fresh state."""
     step = None if checkpointer is None else checkpointer.latest_step()
     if step is None:
         return init_state(trainer), 0
-    state, data_state = checkpointer.restore(step, abstract_state(trainer),
-                                             trainer.state_shardings)
-    source.set_state(data_state)
+    state, data = checkpointer.restore(step, abstract_state(trainer), trainer.state_shardings)
+    saved = data.get("pipeline", {})
+    changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+    if changed:
+        raise ConfigError(
+            f"checkpoint {step}'s data position was saved for other data settings ("
+            + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+            + "); resume with the settings the run started with")
+    source.set_state(data["iterator"])
     writer.info(f"resumed from {checkpointer.directory / str(step)}")
     return state, step
 
@@ -249,61 +278,65 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
     Returns the final state and the logged metric rows (train and eval rows).
     """
     run_dir = None if run_dir is None else Path(run_dir)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    trainer = build_trainer(cfg, mesh)
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     corpus = open_corpus(cfg, run_dir)
+    if corpus is not None and cfg.train.eval_every > 0:  # fail now, not at the first eval
+        check_eval_split(corpus, cfg.train.seq_len, trainer.batch_share)
     if run_dir is not None:
         write_run_dir(cfg, run_dir, corpus)
-    byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
-    writer = MetricsWriter(run_dir, cfg.train.steps, echo)
-    checkpointer = None if run_dir is None else Checkpointer(run_dir, cfg.checkpoint.keep)
-    source = make_source(cfg, corpus)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
-    peak, peak_source = peak_flops(list(mesh.devices.flat))
-    writer.info(f"maxgpt: {cfg.model.name}, {count_params(cfg):,} parameters, mesh "
-                f"{dict(mesh.shape)}, data {describe(corpus)}; mfu against {peak_source}")
+    peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))
+    n_params = count_params(cfg)  # outside the mesh context: abstract, unsharded shapes
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(contextlib.closing(MetricsWriter(run_dir, cfg.train.steps,
+                                                                      echo)))
+        checkpointer = None if run_dir is None else stack.enter_context(
+            contextlib.closing(Checkpointer(run_dir, cfg.checkpoint.keep)))
+        source = stack.enter_context(contextlib.closing(make_source(trainer, corpus)))
+        stack.enter_context(jax.set_mesh(trainer.mesh))
+        writer.info(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
+                    f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against "
+                    f"{peak_source}")
+        fingerprint = data_fingerprint(trainer, corpus)
+        state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)
+        writer.drop_rows_after(first)  # steps after the checkpoint are trained (logged) again
 
-    history = []
-    with (jax.set_mesh(mesh), contextlib.closing(writer), contextlib.closing(source)):
-        state, first = restore_or_init(trainer, checkpointer, source, writer)
         start = time.perf_counter()
         compiled = trainer.step_fn.lower(state, _abstract_batch(trainer)).compile()
         writer.info(_describe_compile(compiled, time.perf_counter() - start))
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
+        byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
+        history = []
         last_time, last_step = time.perf_counter(), first
         for step in range(first, cfg.train.steps):
-            batch = sharding.global_batch(next(source), trainer.batch_sharding)
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, trainer.global_batch(next(source)))
             done = step + 1
             if done == first + 1 or _due(done, cfg.train.log_every, cfg.train.steps):
                 metrics = jax.device_get(metrics)  # waits for the step: honest timing
                 now = time.perf_counter()
                 step_time = (now - last_time) / (done - last_step)
-                row = {"step": done, "loss": metrics["loss"], "lr": metrics["lr"],
-                       "grad_norm": metrics["grad_norm"],
-                       "tokens_per_sec": tokens_per_step / step_time,
-                       "step_time_s": step_time,
-                       "mfu": None if peak is None else flops_per_step / step_time / peak,
-                       "tokens_seen": done * tokens_per_step}  # training rows are never padded
-                writer.write(row)
-                history.append(row)
+                history.append(writer.write({
+                    "step": done, "loss": metrics["loss"], "lr": metrics["lr"],
+                    "grad_norm": metrics["grad_norm"],
+                    "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
+                    "mfu": None if peak is None else flops_per_step / step_time / peak,
+                    "tokens_seen": done * tokens_per_step}))  # training rows are never padded
                 last_time, last_step = now, done
-            extra = False
-            if (corpus is not None and cfg.train.eval_every > 0
-                    and _due(done, cfg.train.eval_every, cfg.train.steps)):
-                row = {"step": done, **evaluate(trainer, state["params"], corpus, byte_lengths)}
-                writer.write(row)
-                history.append(row)
-                extra = True
-            if checkpointer is not None and _due(done, cfg.checkpoint.every, cfg.train.steps):
-                checkpointer.save(done, state, source.get_state(), cfg,
+            # Save before evaluating: a failing evaluation must not cost the checkpoint.
+            saving = checkpointer is not None and _due(done, cfg.checkpoint.every,
+                                                       cfg.train.steps)
+            if saving:
+                checkpointer.save(done, state, {"pipeline": fingerprint,
+                                                "iterator": source.get_state()}, cfg,
                                   None if corpus is None else corpus.tokenizer.model_proto)
-                extra = True
-            if extra:  # evaluation and saving are not training time
+            evaluating = (corpus is not None and cfg.train.eval_every > 0
+                          and _due(done, cfg.train.eval_every, cfg.train.steps))
+            if evaluating:
+                history.append(writer.write({"step": done, **evaluate(
+                    trainer, state["params"], corpus, byte_lengths)}))
+            if saving or evaluating:  # not training time
                 last_time, last_step = time.perf_counter(), done
-        if checkpointer is not None:
-            checkpointer.close()
-        if corpus is not None and echo and jax.process_index() == 0:
+        if corpus is not None and echo:
             print_sample(trainer, state["params"], corpus)
     return state, history
 
@@ -312,12 +345,15 @@ SAMPLE_TOKENS = 160
 
 
 def print_sample(trainer: Trainer, params, corpus: Corpus) -> None:
-    """A few lines generated from bos: what the model has learned, at a glance."""
+    """A few lines generated from bos: what the model has learned, at a glance. Every
+    process samples (the parameters span them all; the draw is seeded, so they agree) and
+    process 0 prints."""
     ids = sample(trainer.graphdef, params, [BOS_ID], max_new_tokens=SAMPLE_TOKENS,
                  seq_len=trainer.cfg.train.seq_len, seed=trainer.cfg.train.seed,
                  min_new_tokens=SAMPLE_TOKENS // 2)
-    print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
-          f"{corpus.tokenizer.decode(ids)}\n---", flush=True)
+    if jax.process_index() == 0:
+            print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
+              f"{corpus.tokenizer.decode(ids)}\n---", flush=True)
 
 
 def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
@@ -328,12 +364,12 @@ def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
     if corpus is None:
         raise ConfigError(f"{run_dir} trained on synthetic data: there is no held-out split")
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
-    with jax.set_mesh(trainer.mesh):
-        state, _ = checkpointer.restore(step, abstract_state(trainer), trainer.state_shardings)
-        metrics = evaluate(trainer, state["params"], corpus, corpus.tokenizer.byte_lengths())
-    checkpointer.close()
+    with contextlib.closing(Checkpointer(run_dir, cfg.checkpoint.keep)) as checkpointer:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
+        with jax.set_mesh(trainer.mesh):
+            state, _ = checkpointer.restore(step, abstract_state(trainer),
+                                            trainer.state_shardings, data=False)
+            metrics = evaluate(trainer, state["params"], corpus, corpus.tokenizer.byte_lengths())
     return {"step": step, **metrics}

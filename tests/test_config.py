@@ -134,3 +134,12 @@ def test_train_command_end_to_end(tmp_path):
     assert load_config(tmp_path / "run/config.yaml").train.steps == 3
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2", "3"]
     assert (tmp_path / "run/tokenizer.model").is_file()
+
+    # `maxgpt eval` on the newest checkpoint reproduces the run's last eval row
+    proc = subprocess.run([sys.executable, "-m", "maxgpt", "eval", "--run-dir",
+                           str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(proc.stdout)
+    assert evaluated["step"] == 3
+    assert evaluated["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-6)
+    assert evaluated["eval_bpb"] == pytest.approx(rows[-1]["eval_bpb"], rel=1e-6)

@@ -192,7 +192,7 @@ def test_mixture_follows_the_weights(corpus, tmp_path):
     assert from_other / len(docs) == pytest.approx(0.75, abs=0.08)
 
 
-def test_tokenizer_round_trips_source_code_byte_for_byte(corpus):
+def test_tokenizer_round_trips_source_code_byte_for_byte():
     tok = Tokenizer.load(builtin.tokenizer_path(512))
     lengths = tok.byte_lengths()
     texts = [p.read_text() for p in builtin.stdlib_files()[:200:10]] + [
@@ -290,7 +290,14 @@ def test_train_data_errors(corpus, tmp_path, capsys):
     assert code == 2 and "exceeds model.max_seq_len" in err
     code, err = run_cli(capsys, "train", "--run-dir", str(tmp_path / "r4"), "data.source=mixture")
     assert code == 2 and "data.sources" in err
-    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3", "r4"))
+    no_validation = tmp_path / "no-validation"
+    prepare([corpus.sources[0][0] / "summary.json"], no_validation, text_suffixes=(".json",),
+            validation_fraction=0.0, progress=False)
+    code, err = run_cli(capsys, "train", "--run-dir", str(tmp_path / "r5"),
+                        f"data.source={no_validation}", f"data.tokenizer={corpus.tokenizer_path}",
+                        "--config", f"{REPO}/configs/experiments/smoke.yaml")
+    assert code == 2 and "has no validation documents" in err  # before any training
+    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3", "r4", "r5"))
 
 
 def test_mixture_weights_from_the_command_line(corpus):
@@ -300,3 +307,18 @@ def test_mixture_weights_from_the_command_line(corpus):
     resolved = resolve_corpus(cfg)
     assert [w for _, w in resolved.sources] == [2.0, 1.0]
     assert resolved.sources[1][0] == builtin.corpus_dir()
+
+
+def test_tokenizer_command_trains_bpe_and_unigram(corpus, tmp_path, capsys):
+    docs = split_documents(corpus, "train")
+    for kind in ("bpe", "unigram"):
+        out = tmp_path / f"{kind}.model"
+        code, _ = run_cli(capsys, "tokenizer", "train", "--data", str(corpus.sources[0][0]),
+                          "--vocab-size", "300", "--model-type", kind, "--out", str(out))
+        assert code == 0
+        tok = Tokenizer.load(out)
+        assert tok.vocab_size == 300
+        assert all(tok.decode(tok.encode(d)) == d for d in docs)
+    code, err = run_cli(capsys, "tokenizer", "train", "--data", str(corpus.sources[0][0]),
+                        "--out", str(tmp_path / "bpe.model"))
+    assert code == 2 and "already exists" in err  # never overwrites a tokenizer

@@ -10,6 +10,7 @@ from flax import nnx
 from maxgpt import sharding, train
 from maxgpt.data.pipeline import eval_batches, resolve_corpus
 from maxgpt.data.prepare import document_source
+from maxgpt.data.tokenizer import BOS_ID
 from maxgpt.evaluate import evaluate
 from tests.conftest import make_config
 
@@ -32,8 +33,13 @@ def test_eval_equals_an_independent_pass_over_the_validation_split():
     tokens = sum(len(corpus.tokenizer.encode_document(d)) - 1 for d in docs)
     n_bytes = sum(len(d.encode()) for d in docs)
     assert got["eval_tokens"] == tokens  # 40 batches cover the split: all of it, once
+    batches = list(eval_batches(corpus, cfg, (0, 1)))
+    inputs = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
+    starts = np.flatnonzero(inputs == BOS_ID)
+    assert [list(x) for x in np.split(inputs, starts[1:])] == [
+        list(corpus.tokenizer.encode_document(d)[:-1]) for d in docs]  # in order, whole
     nll = 0.0
-    for batch in eval_batches(corpus, cfg, (0, 1)):
+    for batch in batches:
         logits = np.asarray(forward(params, batch["inputs"], batch["positions"],
                                     batch["segment_ids"]), np.float64)
         logp = logits - logits.max(-1, keepdims=True)

@@ -10,7 +10,7 @@ import yaml
 from flax import nnx
 
 from maxgpt import train
-from maxgpt.config import load_config
+from maxgpt.config import ConfigError, load_config
 from maxgpt.data import SyntheticSource
 from maxgpt.optim import decay_mask, learning_rate
 from tests import reference as ref
@@ -162,22 +162,30 @@ def test_synthetic_rows_do_not_depend_on_sharding():
 
 
 TEXT = ("data.source=builtin", "model.vocab_size=512", "optim.decay=constant",
-        "optim.warmup_steps=0", "train.eval_every=0", "data.num_workers=0")
+        "optim.warmup_steps=0", "train.eval_every=0", "data.num_workers=1")
 
 
 def test_resumed_run_sees_exactly_the_batches_of_a_straight_run(tmp_path):
-    """6 steps straight == 3 steps, a fresh process-like restart from the step-3 checkpoint,
-    3 more: same losses bit for bit, so the data iterator resumed mid-stream exactly."""
-    cfg = make_config("tiny", *BASE, *TEXT, "train.steps=6", "checkpoint.every=3",
-                      "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4")
+    """6 steps straight == 3 steps, a restart from the step-3 checkpoint (tokenising worker
+    process, row window and all), 3 more: same losses bit for bit, so the data iterator
+    resumed mid-stream exactly. Rows logged past the checkpoint before a crash are dropped."""
+    mesh = ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4")
+    cfg = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=6", "checkpoint.every=3")
     _, straight = train.run(cfg, tmp_path / "straight", echo=False)
-    half = make_config("tiny", *BASE, *TEXT, "train.steps=3", "checkpoint.every=3",
-                       "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4")
+    half = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=3", "checkpoint.every=3")
     train.run(half, tmp_path / "resumed", echo=False)
+    with (tmp_path / "resumed/metrics.jsonl").open("a") as f:  # logged, then a crash
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     _, resumed = train.run(cfg, tmp_path / "resumed", echo=False)
     assert [r["step"] for r in resumed] == [4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[3:]]
-    a = train.Checkpointer(tmp_path / "straight", 3)
-    b = train.Checkpointer(tmp_path / "resumed", 3)
-    assert a.manager.all_steps() == b.manager.all_steps() == [3, 6]
-    a.close(), b.close()
+    rows = [json.loads(line) for line in
+            (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
+
+    # Other data settings cannot continue this data position: one clear error, nothing lost.
+    moved = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.num_workers=0")
+    with pytest.raises(ConfigError, match="num_workers: 1 then, 0 now"):
+        train.run(moved, tmp_path / "resumed", echo=False)
+    assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["3", "6"]

@@ -229,6 +229,11 @@ def batches(corpus: Corpus, split: str, *, seq_len: int, batch_size: int, seed: 
     return Batches(ds)
 
 
+def check_eval_split(corpus: Corpus, seq_len: int, process: tuple[int, int]) -> None:
+    """Raise now, not at the first evaluation, if a source has no validation share here."""
+    packed_rows(corpus, "validation", seq_len=seq_len, seed=None, process=process)
+
+
 def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """A short final batch grown to `rows` with padding rows (segment id 0: no loss)."""
     missing = rows - batch["inputs"].shape[0]

@@ -27,8 +27,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -133,8 +133,15 @@ class _Reader:
         if self.text_field not in table.schema_arrow.names:
             self.skipped["missing_field"] += table.metadata.num_rows
             return
-        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS,
-                                        columns=[self.text_field]):
+        batches = table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[self.text_field])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception:  # a corrupt row group: count the file as unreadable from here
+                self.skipped["unreadable_file"] += 1
+                return
             for value in batch.column(0).to_pylist():
                 if isinstance(value, bytes):
                     value = self._decode(value)
@@ -186,7 +193,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = 
     if not files:
         raise ConfigError(f"no input files ({', '.join((*text_suffixes, *STRUCTURED_SUFFIXES))})"
                           f" under {', '.join(map(str, inputs))}")
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # unique: processes may race
+    # unique: processes (on several hosts of a shared filesystem) may race to prepare it
+    tmp = out.with_name(f"{out.name}.partial-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     reader = _Reader(text_field)
@@ -240,7 +248,9 @@ def document_source(directory: str | Path, split: str) -> ArrayRecordDataSource:
     directory = Path(directory)
     shards = read_summary(directory)["splits"][split]["shards"]
     if not shards:
-        raise ConfigError(f"{directory} has no {split} documents")
+        hint = (" (prepare it with --validation-fraction above 0, or set train.eval_every=0)"
+                if split == "validation" else "")
+        raise ConfigError(f"{directory} has no {split} documents{hint}")
     return ArrayRecordDataSource([str(directory / shard) for shard in shards])
 
 

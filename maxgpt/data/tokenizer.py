@@ -13,7 +13,7 @@ Choices, and why:
 from __future__ import annotations
 
 import io
-import os
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -132,7 +132,7 @@ def train_tokenizer(documents: Iterable[str], out: str | Path, vocab_size: int,
                           f"tokenizer on this sample: {message}") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.partial-{uuid.uuid4().hex}")  # processes may race
     tmp.write_bytes(model.getvalue())
     tmp.replace(out)  # never a half-written tokenizer under the real name
     return Tokenizer(model.getvalue())
