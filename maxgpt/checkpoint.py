@@ -1,23 +1,36 @@
 """Checkpoints of a run, written with orbax: `RUN_DIR/checkpoints/<step>/`.
 
-Each step directory holds four orbax items, all readable with plain orbax:
+Each step directory holds four orbax items, all readable with plain orbax (docs/checkpoints.md):
 
-    state/      the train state pytree: {"params": ..., "opt_state": ..., "step": int32}
-                (StandardCheckpointHandler; restored straight into the mesh's shardings)
+    state/      the train state pytree {"params", "opt_state", "step", "skipped_steps",
+                "bad_in_a_row"} (StandardCheckpointHandler; restored straight into the
+                shardings of whatever mesh the reader has)
     data/       `process_<i>-of-<n>.json`, one per process (grain's orbax handler):
                 {"pipeline": the data settings it is valid for, "iterator": grain's state}
     config/     the resolved run config (JSON)
     tokenizer/  {"sentencepiece_model_base64": ...} (JSON), or {} for synthetic data
 
-orbax writes a step under a temporary name and renames it when complete, so a step
-directory that exists is whole; saves are asynchronous (the loop goes on while arrays are
-written) and `close()` waits for the last one.
+There is no RNG state to save: every random draw derives from (train.seed, step).
+
+Safety:
+- orbax writes a step under a temporary name and renames it when complete, so a step
+  directory that exists was written whole; leftovers of a killed save are temporary
+  directories, which orbax ignores and removes when the manager next opens the directory.
+- Saves are asynchronous: `save` returns once the arrays are copied off the devices, the
+  files are written in the background, and the next save (or `close`) waits for it.
+- A step that exists but cannot be read (a disk error, a hand-edited file) is reported and
+  the previous step is used; once one restores, the unreadable newer ones are moved aside to
+  `<step>.unreadable-<time>` (kept for inspection, never deleted). If none is readable the
+  run stops, moving nothing, rather than start over silently.
+- Nothing is unpickled: arrays come from tensorstore, the rest from JSON.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +38,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
-from maxgpt.config import Config, ConfigError
+from maxgpt.config import CheckpointConfig, Config, ConfigError
 
 ITEMS = ("state", "data", "config", "tokenizer")
 
@@ -48,17 +61,43 @@ class _IteratorState:
         pass
 
 
+def _path(key_path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+
+
+def check_architecture(saved_params: Any, abstract_params: Any, where: str) -> None:
+    """Raise naming the first parameter whose name or shape differs."""
+    saved = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+        saved_params)}
+    wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+        abstract_params)}
+    for name in sorted(saved.keys() | wanted.keys()):
+        if saved.get(name) != wanted.get(name):
+            have = saved.get(name, "absent")
+            want = wanted.get(name, "absent")
+            raise ConfigError(f"{where} holds a different architecture: parameter {name} is "
+                              f"{have} there but {want} in this config")
+
+
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None,
+                 read_only: bool = False):
         self.directory = Path(run_dir).absolute() / "checkpoints"
+        keep = None if cfg is None else cfg.keep
+        keep_every = None if cfg is None or cfg.keep_every == 0 else cfg.keep_every
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, keep_period=keep_every, create=not read_only,
+                read_only=read_only, cleanup_tmp_directories=not read_only),
             item_names=ITEMS,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler(),
                            "config": ocp.JsonCheckpointHandler(),
                            "tokenizer": ocp.JsonCheckpointHandler()})
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -75,13 +114,19 @@ class Checkpointer:
             config=ocp.args.JsonSave(cfg.to_dict()),
             tokenizer=ocp.args.JsonSave(tokenizer)), force=True)
 
+    def saved_params(self, step: int) -> Any:
+        """The parameter shapes of `step`, from its metadata (no arrays read)."""
+        return self.manager.item_metadata(step)["state"]["params"]
+
     def restore(self, step: int, abstract_state: Any, shardings: Any,
                 data: bool = True) -> tuple[Any, dict | None]:
         """The train state of `step`, placed in `shardings`, and (if `data`) the saved data
         iterator state of this process."""
         if step not in self.manager.all_steps():
             raise ConfigError(f"no checkpoint of step {step} in {self.directory}; it has "
-                              f"{sorted(self.manager.all_steps()) or 'none'}")
+                              f"{self.steps() or 'none'}")
+        check_architecture(self.saved_params(step), abstract_state["params"],
+                           f"checkpoint {self.directory / str(step)}")
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               abstract_state, shardings)
         items = {"state": ocp.args.StandardRestore(target)}
@@ -98,6 +143,77 @@ class Checkpointer:
             raise
         return restored["state"], restored["data"].state if data else None
 
+    def restore_newest(self, abstract_state: Any, shardings: Any
+                       ) -> tuple[int, Any, dict] | None:
+        """The newest readable checkpoint as (step, state, data state); None if there are
+        none. Unreadable ones are reported and moved aside, never deleted; a user error
+        (another architecture, other data settings) is raised, not skipped."""
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            try:
+                restored = self.restore(step, abstract_state, shardings)
+            except ConfigError:
+                raise
+            except Exception as e:  # whatever a damaged checkpoint makes orbax raise
+                text = str(e).strip()
+                failures.append((step, text.splitlines()[0][:200] if text else type(e).__name__))
+                print(f"maxgpt: checkpoint {self.directory / str(step)} is unreadable "
+                      f"({failures[-1][1]}); trying the one before", file=sys.stderr, flush=True)
+                continue
+            # Only now that an older one restored (so our reading code works) are the newer,
+            # unreadable ones set aside, so that their steps can be written again.
+            for bad, _ in failures:
+                self._set_aside(bad)
+            return (step, *restored)
+        if failures:
+            raise ConfigError(f"no readable checkpoint in {self.directory} (unreadable: "
+                              + "; ".join(f"{s}: {r}" for s, r in failures)
+                              + "); nothing was changed")
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0 and source.exists():
+            source.rename(target)
+            print(f"maxgpt: moved the unreadable {source} to {target}", file=sys.stderr,
+                  flush=True)
+        self.manager.reload()  # forget the step, so that it can be written again
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(path: str | Path, abstract_params: Any, shardings: Any) -> tuple[Any, str]:
+    """Parameters only (no optimizer state, no step) of another run, for
+    `checkpoint.load_params_from`: PATH is a run directory (its newest checkpoint) or one of
+    its step directories, `RUN/checkpoints/STEP`. Returns them placed in `shardings`, and
+    the checkpoint they came from."""
+    path = Path(path).absolute()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        directory, step = path.parent, int(path.name)
+    else:
+        directory, step = path / "checkpoints", None
+    if not directory.is_dir():
+        raise ConfigError(f"checkpoint.load_params_from={path}: no checkpoints there "
+                          "(give a run directory or RUN/checkpoints/STEP)")
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state",), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise ConfigError(f"checkpoint.load_params_from={path}: no such checkpoint")
+        where = str(directory / str(step))
+        check_architecture(manager.item_metadata(step)["state"]["params"], abstract_params,
+                           f"checkpoint {where}")
+        target = {"params": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_params, shardings)}
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    finally:
+        manager.close()
+    return restored["state"]["params"], where

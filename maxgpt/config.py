@@ -98,6 +98,7 @@ class TrainConfig:
     z_loss: float  # weight of the PaLM z-loss, mean(log(Z)^2); 0 turns it off
     eval_every: int  # held-out evaluation every this many steps (and at the end); 0: never
     eval_steps: int  # batches per evaluation, always the same ones
+    max_bad_steps: int  # non-finite loss/gradient steps in a row (each skipped) before stopping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,8 @@ class DataConfig:
 class CheckpointConfig:
     every: int  # save every this many steps (and at the end); 0: only at the end
     keep: int  # newest checkpoints kept
+    keep_every: int  # also keep every checkpoint whose step is a multiple of this; 0: none
+    load_params_from: str  # a run dir (newest checkpoint) or a step dir: start from its params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +305,7 @@ def validate(cfg: Config) -> None:
         "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
         "train.log_every": t.log_every, "train.microbatches": t.microbatches,
         "train.eval_steps": t.eval_steps, "checkpoint.keep": cfg.checkpoint.keep,
+        "train.max_bad_steps": t.max_bad_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -326,6 +330,7 @@ def validate(cfg: Config) -> None:
             f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}")
     nonnegative = {"optim.warmup_steps": o.warmup_steps, "train.eval_every": t.eval_every,
                    "checkpoint.every": cfg.checkpoint.every,
+                   "checkpoint.keep_every": cfg.checkpoint.keep_every,
                    "data.num_workers": cfg.data.num_workers, "data.prefetch": cfg.data.prefetch}
     for key, value in nonnegative.items():
         if value < 0:

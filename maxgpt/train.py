@@ -1,7 +1,8 @@
 """Training: abstract -> sharded initialisation, the pure train step, and the loop.
 
 The train state crosses the jit boundary as a plain pytree,
-`{"params": {...}, "opt_state": ..., "step": int32}`, with parameters as a pure nested dict
+`{"params": {...}, "opt_state": ..., "step", "skipped_steps", "bad_in_a_row": int32}`, with
+parameters as a pure nested dict
 (`nnx.to_pure_dict`); the model is rebuilt inside the step with `nnx.merge(graphdef, params)`.
 The step is jitted once with explicit in/out shardings and the state donated.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import time
 import uuid
@@ -26,7 +28,7 @@ from jax.sharding import Mesh
 
 from maxgpt import sharding
 from maxgpt.config import Config, ConfigError, load_config
-from maxgpt.checkpoint import Checkpointer
+from maxgpt.checkpoint import Checkpointer, load_params
 from maxgpt.data import SyntheticSource
 from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches,
                                   check_eval_split, describe, resolve_corpus)
@@ -37,6 +39,7 @@ from maxgpt.flops import flops_per_token, peak_flops
 from maxgpt.metrics import MetricsWriter
 from maxgpt.model import Transformer
 from maxgpt.optim import learning_rate, make_optimizer
+from maxgpt.preemption import StopRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +123,24 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     grads = jax.tree.map(lambda g: g / tokens, grads)
 
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1}
-    metrics = {"loss": nll / tokens, "grad_norm": optax.tree.norm(grads),
-               "lr": learning_rate(cfg)(state["step"]), "tokens": tokens}
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # Non-finite guard: a step whose loss, gradient or result is not finite is skipped (the
+    # state keeps its old values, the step counter and the data move on), so parameters and
+    # checkpoints never hold inf/nan. The run loop stops after train.max_bad_steps in a row.
+    finite = (jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+              & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                   for p in jax.tree.leaves(new_params)])))
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = {"params": keep(new_params, params),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "step": state["step"] + 1,
+                 "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32),
+                 "bad_in_a_row": jnp.where(finite, 0, state["bad_in_a_row"] + 1)}
+    metrics = {"loss": nll / tokens, "grad_norm": grad_norm,
+               "lr": learning_rate(cfg)(state["step"]), "tokens": tokens,
+               "skipped_steps": new_state["skipped_steps"],
+               "bad_in_a_row": new_state["bad_in_a_row"]}
     return new_state, metrics
 
 
@@ -152,7 +169,8 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     abstract_opt = jax.eval_shape(optimizer.init, nnx.to_pure_dict(abstract_params))
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
-    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated,
+                "skipped_steps": replicated, "bad_in_a_row": replicated}
     batch_sh = sharding.batch_sharding(mesh)
     step = jax.jit(
         lambda state, batch: train_step(state, batch, graphdef=graphdef,
@@ -170,8 +188,9 @@ def _init_fn(trainer: Trainer) -> Callable[[], dict[str, Any]]:
 
     def init():
         params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(cfg.train.seed))))
-        return {"params": params, "opt_state": optimizer.init(params),
-                "step": jnp.zeros((), jnp.int32)}
+        zero = jnp.zeros((), jnp.int32)
+        return {"params": params, "opt_state": optimizer.init(params), "step": zero,
+                "skipped_steps": zero, "bad_in_a_row": zero}
 
     return init
 
@@ -202,13 +221,17 @@ def write_run_dir(cfg: Config, run_dir: Path, corpus: Corpus | None) -> None:
     tokenizer the run reads with, so that a run directory is self-contained."""
     if jax.process_index() != 0:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    own = run_dir / TOKENIZER_FILE
-    if corpus is not None and corpus.tokenizer_path != own:
-        tmp = own.with_name(f"{own.name}.partial-{uuid.uuid4().hex}")
-        tmp.write_bytes(corpus.tokenizer.model_proto)
-        tmp.replace(own)  # other processes may be reading it: never a half-written file
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        own = run_dir / TOKENIZER_FILE
+        if corpus is not None and corpus.tokenizer_path != own:
+            tmp = own.with_name(f"{own.name}.partial-{uuid.uuid4().hex}")
+            tmp.write_bytes(corpus.tokenizer.model_proto)
+            tmp.replace(own)  # other processes may be reading it: never a half-written file
+    except OSError as e:  # before any training: nothing to lose yet
+        raise ConfigError(f"cannot write the run directory {run_dir}: "
+                          f"{e.strerror or e}") from None
 
 
 def open_corpus(cfg: Config, run_dir: Path | None) -> Corpus | None:
@@ -250,11 +273,22 @@ def data_fingerprint(trainer: Trainer, corpus: Corpus | None) -> dict[str, Any]:
 
 def restore_or_init(trainer: Trainer, checkpointer: Checkpointer | None, source,
                     fingerprint: dict, writer: MetricsWriter) -> tuple[dict[str, Any], int]:
-    """The newest checkpoint's state (and data position), else a fresh state."""
-    step = None if checkpointer is None else checkpointer.latest_step()
-    if step is None:
-        return init_state(trainer), 0
-    state, data = checkpointer.restore(step, abstract_state(trainer), trainer.state_shardings)
+    """The newest readable checkpoint's state and data position; else a fresh state, with
+    parameters from `checkpoint.load_params_from` if set."""
+    abstract = abstract_state(trainer)
+    restored = None if checkpointer is None else checkpointer.restore_newest(
+        abstract, trainer.state_shardings)
+    if restored is None:
+        state = init_state(trainer)
+        if trainer.cfg.checkpoint.load_params_from:
+            params, where = load_params(trainer.cfg.checkpoint.load_params_from,
+                                        abstract["params"], trainer.state_shardings["params"])
+            state = {**state, "params": params,  # a fresh optimizer state, step 0
+                     "opt_state": jax.jit(trainer.optimizer.init, out_shardings=(
+                         trainer.state_shardings["opt_state"]))(params)}
+            writer.info(f"parameters from {where}; new optimizer state, step 0")
+        return state, 0
+    step, state, data = restored
     saved = data.get("pipeline", {})
     changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if changed:
@@ -271,11 +305,36 @@ def _due(done: int, every: int, last: int) -> bool:
     return done == last or (every > 0 and done % every == 0)
 
 
+def _check_bad_steps(metrics, cfg: Config, step: int) -> None:
+    """Stop after train.max_bad_steps skipped (non-finite) steps in a row."""
+    if metrics is not None and int(jax.device_get(metrics["bad_in_a_row"])) >= (
+            cfg.train.max_bad_steps):
+        raise ConfigError(
+            f"{cfg.train.max_bad_steps} steps in a row up to step {step} had a non-finite loss "
+            "or gradient (each was skipped, the parameters are unchanged and finite); lower "
+            "optim.lr, lengthen optim.warmup_steps or check the data, then continue from the "
+            "last checkpoint")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _save(checkpointer: Checkpointer, step: int, state, source, fingerprint: dict,
+          corpus: Corpus | None, cfg: Config) -> None:
+    if not bool(_all_finite(state["params"])):  # the step's guard makes this impossible
+        raise RuntimeError(f"non-finite parameters at step {step}: not saving them")
+    checkpointer.save(step, state, {"pipeline": fingerprint, "iterator": source.get_state()},
+                      cfg, None if corpus is None else corpus.tokenizer.model_proto)
+
+
 def run(cfg: Config, run_dir: Path | None = None, devices=None,
         echo: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train to `train.steps`, resuming from run_dir's newest checkpoint if it has one.
 
-    Returns the final state and the logged metric rows (train and eval rows).
+    SIGTERM/SIGINT end the run early after the current step, with a checkpoint (if there is
+    a run directory). Returns the final state and the logged metric rows (train and eval).
     """
     run_dir = None if run_dir is None else Path(run_dir)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
@@ -290,8 +349,9 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
         writer = stack.enter_context(contextlib.closing(MetricsWriter(run_dir, cfg.train.steps,
                                                                       echo)))
         checkpointer = None if run_dir is None else stack.enter_context(
-            contextlib.closing(Checkpointer(run_dir, cfg.checkpoint.keep)))
+            contextlib.closing(Checkpointer(run_dir, cfg.checkpoint)))
         source = stack.enter_context(contextlib.closing(make_source(trainer, corpus)))
+        stop = stack.enter_context(contextlib.closing(StopRequest()))
         stack.enter_context(jax.set_mesh(trainer.mesh))
         writer.info(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
                     f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against "
@@ -306,12 +366,16 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
         byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
-        history = []
+        history, previous, stopped = [], None, False
         last_time, last_step = time.perf_counter(), first
         for step in range(first, cfg.train.steps):
             state, metrics = compiled(state, trainer.global_batch(next(source)))
             done = step + 1
-            if done == first + 1 or _due(done, cfg.train.log_every, cfg.train.steps):
+            # The previous step's verdict, read while this one runs: no stall per step.
+            _check_bad_steps(previous, cfg, done - 1)
+            previous = metrics
+            stopped = stop(done)
+            if stopped or done == first + 1 or _due(done, cfg.train.log_every, cfg.train.steps):
                 metrics = jax.device_get(metrics)  # waits for the step: honest timing
                 now = time.perf_counter()
                 step_time = (now - last_time) / (done - last_step)
@@ -320,15 +384,19 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                     "grad_norm": metrics["grad_norm"],
                     "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
                     "mfu": None if peak is None else flops_per_step / step_time / peak,
-                    "tokens_seen": done * tokens_per_step}))  # training rows are never padded
+                    "tokens_seen": done * tokens_per_step,  # training rows are never padded
+                    "skipped_steps": metrics["skipped_steps"]}))
                 last_time, last_step = now, done
             # Save before evaluating: a failing evaluation must not cost the checkpoint.
-            saving = checkpointer is not None and _due(done, cfg.checkpoint.every,
-                                                       cfg.train.steps)
+            saving = checkpointer is not None and (
+                stopped or _due(done, cfg.checkpoint.every, cfg.train.steps))
             if saving:
-                checkpointer.save(done, state, {"pipeline": fingerprint,
-                                                "iterator": source.get_state()}, cfg,
-                                  None if corpus is None else corpus.tokenizer.model_proto)
+                _save(checkpointer, done, state, source, fingerprint, corpus, cfg)
+            if stopped:
+                writer.info(f"maxgpt: {stop.signal_name or 'preemption'}: stopped after step "
+                            f"{done}" + (f", checkpoint saved; continue with `maxgpt train "
+                                         f"--run-dir {run_dir}`" if saving else ""))
+                break
             evaluating = (corpus is not None and cfg.train.eval_every > 0
                           and _due(done, cfg.train.eval_every, cfg.train.steps))
             if evaluating:
@@ -336,7 +404,8 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                     trainer, state["params"], corpus, byte_lengths)}))
             if saving or evaluating:  # not training time
                 last_time, last_step = time.perf_counter(), done
-        if corpus is not None and echo:
+        _check_bad_steps(previous, cfg, cfg.train.steps)
+        if corpus is not None and echo and not stopped:
             print_sample(trainer, state["params"], corpus)
     return state, history
 
@@ -364,7 +433,7 @@ def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
     if corpus is None:
         raise ConfigError(f"{run_dir} trained on synthetic data: there is no held-out split")
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
-    with contextlib.closing(Checkpointer(run_dir, cfg.checkpoint.keep)) as checkpointer:
+    with contextlib.closing(Checkpointer(run_dir, read_only=True)) as checkpointer:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
