@@ -366,7 +366,7 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
         byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
-        history, previous, stopped = [], None, False
+        history, previous, stopped, done = [], None, False, first
         last_time, last_step = time.perf_counter(), first
         for step in range(first, cfg.train.steps):
             state, metrics = compiled(state, trainer.global_batch(next(source)))
@@ -404,7 +404,7 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                     trainer, state["params"], corpus, byte_lengths)}))
             if saving or evaluating:  # not training time
                 last_time, last_step = time.perf_counter(), done
-        _check_bad_steps(previous, cfg, cfg.train.steps)
+        _check_bad_steps(previous, cfg, done)
         if corpus is not None and echo and not stopped:
             print_sample(trainer, state["params"], corpus)
     return state, history

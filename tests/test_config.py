@@ -1,5 +1,6 @@
 """Config loading, overrides and the errors users see (one line, exit code 2)."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -134,6 +135,12 @@ def test_train_command_end_to_end(tmp_path):
     assert load_config(tmp_path / "run/config.yaml").train.steps == 3
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["2", "3"]
     assert (tmp_path / "run/tokenizer.model").is_file()
+    # the checkpoint carries config and tokenizer as plain JSON (docs/checkpoints.md)
+    saved = json.loads((tmp_path / "run/checkpoints/3/tokenizer/metadata").read_text())
+    assert base64.b64decode(saved["sentencepiece_model_base64"]) == (
+        tmp_path / "run/tokenizer.model").read_bytes()
+    saved_cfg = json.loads((tmp_path / "run/checkpoints/3/config/metadata").read_text())
+    assert saved_cfg["train"]["steps"] == 3 and saved_cfg["model"]["vocab_size"] == 512
 
     # `maxgpt eval` on the newest checkpoint reproduces the run's last eval row
     proc = subprocess.run([sys.executable, "-m", "maxgpt", "eval", "--run-dir",
