@@ -56,6 +56,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import jax
+
+    from maxgpt.data.tokenizer import BOS_ID
+    from maxgpt.generate import generate
+    from maxgpt.train import load_for_inference
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    trainer, params, corpus, _ = load_for_inference(run_dir, args.step)
+    if corpus is None:
+        raise ConfigError(f"{run_dir} trained on synthetic data: there is no tokenizer")
+    prompts = [[BOS_ID, *corpus.tokenizer.encode(p)] for p in args.prompt]
+    with jax.set_mesh(trainer.mesh):
+        completions = generate(trainer.graphdef, params, trainer.cfg.model, prompts,
+                               max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed)
+    for prompt, ids in zip(args.prompt, completions):
+        print(prompt + corpus.tokenizer.decode(ids))
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from maxgpt.data.prepare import prepare
 
@@ -124,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
                           help="e.g. train.eval_steps=100")
     evaluate.set_defaults(func=cmd_eval)
+
+    gen = commands.add_parser("generate", help="complete prompts with a trained model")
+    gen.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="text to continue (repeatable: prompts are batched)")
+    gen.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no cut")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
 
     prep = commands.add_parser("prepare", help="text files -> ArrayRecord document shards")
     prep.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or directories")

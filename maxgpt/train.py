@@ -34,7 +34,7 @@ from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches,
                                   check_eval_split, describe, resolve_corpus)
 from maxgpt.data.tokenizer import BOS_ID
 from maxgpt.evaluate import evaluate
-from maxgpt.generate import sample
+from maxgpt.generate import generate
 from maxgpt.flops import flops_per_token, peak_flops
 from maxgpt.metrics import MetricsWriter
 from maxgpt.model import Transformer
@@ -417,28 +417,38 @@ def print_sample(trainer: Trainer, params, corpus: Corpus) -> None:
     """A few lines generated from bos: what the model has learned, at a glance. Every
     process samples (the parameters span them all; the draw is seeded, so they agree) and
     process 0 prints."""
-    ids = sample(trainer.graphdef, params, [BOS_ID], max_new_tokens=SAMPLE_TOKENS,
-                 seq_len=trainer.cfg.train.seq_len, seed=trainer.cfg.train.seed,
-                 min_new_tokens=SAMPLE_TOKENS // 2)
+    ids = generate(trainer.graphdef, params, trainer.cfg.model, [[BOS_ID]],
+                   max_new_tokens=min(SAMPLE_TOKENS, trainer.cfg.model.max_seq_len - 1),
+                   temperature=0.8, top_k=50, seed=trainer.cfg.train.seed,
+                   min_new_tokens=SAMPLE_TOKENS // 2)[0]
     if jax.process_index() == 0:
             print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
               f"{corpus.tokenizer.decode(ids)}\n---", flush=True)
 
 
-def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
-                        devices=None) -> dict[str, Any]:
-    """`maxgpt eval`: held-out metrics of a run's checkpoint (default: the newest)."""
+def load_for_inference(run_dir: Path, step: int | None = None, overrides=(), devices=None
+                       ) -> tuple[Trainer, Any, Corpus | None, int]:
+    """A run's trainer (for its mesh and model), the parameters of a checkpoint (default: the
+    newest) and its data; for `maxgpt eval` and `maxgpt generate`."""
     cfg = load_config(run_dir / "config.yaml", overrides)
     corpus = open_corpus(cfg, run_dir)
-    if corpus is None:
-        raise ConfigError(f"{run_dir} trained on synthetic data: there is no held-out split")
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     with contextlib.closing(Checkpointer(run_dir, read_only=True)) as checkpointer:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
-            raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
+            raise ConfigError(f"{run_dir} has no checkpoint")
         with jax.set_mesh(trainer.mesh):
             state, _ = checkpointer.restore(step, abstract_state(trainer),
                                             trainer.state_shardings, data=False)
-            metrics = evaluate(trainer, state["params"], corpus, corpus.tokenizer.byte_lengths())
+    return trainer, state["params"], corpus, step
+
+
+def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
+                        devices=None) -> dict[str, Any]:
+    """`maxgpt eval`: held-out metrics of a run's checkpoint (default: the newest)."""
+    trainer, params, corpus, step = load_for_inference(run_dir, step, overrides, devices)
+    if corpus is None:
+        raise ConfigError(f"{run_dir} trained on synthetic data: there is no held-out split")
+    with jax.set_mesh(trainer.mesh):
+        metrics = evaluate(trainer, params, corpus, corpus.tokenizer.byte_lengths())
     return {"step": step, **metrics}

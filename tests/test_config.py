@@ -150,3 +150,13 @@ def test_train_command_end_to_end(tmp_path):
     assert evaluated["step"] == 3
     assert evaluated["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-6)
     assert evaluated["eval_bpb"] == pytest.approx(rows[-1]["eval_bpb"], rel=1e-6)
+
+    # `maxgpt generate` continues two prompts, reproducibly for a seed
+    command = [sys.executable, "-m", "maxgpt", "generate", "--run-dir", str(tmp_path / "run"),
+               "--prompt", "def f(x):\n", "--prompt", "import", "--max-new-tokens", "8",
+               "--seed", "1"]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("def f(x):\n") and "\nimport" in first.stdout
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert again.stdout == first.stdout

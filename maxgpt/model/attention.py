@@ -84,16 +84,30 @@ class Attention(nnx.Module):
             y = y + bias[...].astype(self.dtype)
         return constrain(y, ("batch", "seq", heads_axis, "head_dim"))
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: (B, T, D); mask: (B, T, T) bool, True where a query may see a key."""
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
+        """x: (B, T, D); mask: (B, T, T) bool, True where a query may see a key.
+
+        Decoding passes `cache`, {"k", "v": (B, S, K, H), "start": int}: this call's keys and
+        values are written at slots start..start+T-1, the queries attend to all S slots
+        (mask: (B, T, S)), and the result is (y, updated cache).
+        """
         q = self._project(x, self.q_proj, self.q_bias, "heads")  # (B, T, N, H)
         k = self._project(x, self.k_proj, self.k_bias, "kv_heads")  # (B, T, K, H)
         v = self._project(x, self.v_proj, self.v_bias, "kv_heads")  # (B, T, K, H)
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
-        out = causal_attention(q, k, v, mask)  # (B, T, N, H)
+        if cache is None:
+            out = causal_attention(q, k, v, mask)  # (B, T, N, H)
+        else:
+            k, v = (constrain(jax.lax.dynamic_update_slice_in_dim(
+                        cache[name], new.astype(cache[name].dtype), cache["start"], axis=1),
+                        ("batch", "seq", "kv_heads", "head_dim"))
+                    for name, new in (("k", k), ("v", v)))
+            cache = {"k": k, "v": v, "start": cache["start"]}
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                               mask=mask[:, None])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = matmul(out, self.o_proj[...], contract=2)  # (B, T, N, H) x (N, H, D)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(self.dtype)
-        return y
+        return y if cache is None else (y, cache)

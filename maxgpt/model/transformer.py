@@ -49,16 +49,26 @@ class Block(nnx.Module):
         self.post_norm = cfg.norm_position == "post"
         self.dropout = cfg.dropout
 
-    def __call__(self, x, mask, positions, dropout_key=None):
-        """x: (B, T, D); mask: (B, T, T) for this layer; positions: (B, T)."""
+    def __call__(self, x, mask, positions, dropout_key=None, cache=None):
+        """x: (B, T, D); mask: (B, T, T) for this layer; positions: (B, T). With a kv
+        `cache` (decoding, see Attention) the result is (x, updated cache)."""
         k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+
+        def attend(h):
+            nonlocal cache
+            out = self.attn(h, mask, positions, cache)
+            if cache is not None:
+                out, cache = out
+            return dropout(out, self.dropout, k_attn)
+
         if self.post_norm:  # GPT-1: x = LN(x + f(x))
-            x = self.attn_norm(x + dropout(self.attn(x, mask, positions), self.dropout, k_attn))
+            x = self.attn_norm(x + attend(x))
             x = self.mlp_norm(x + dropout(self.mlp(x), self.dropout, k_mlp))
         else:  # GPT-2 onwards: x = x + f(LN(x))
-            x = x + dropout(self.attn(self.attn_norm(x), mask, positions), self.dropout, k_attn)
+            x = x + attend(self.attn_norm(x))
             x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
-        return constrain(x, ("batch", "seq", "embed"))
+        x = constrain(x, ("batch", "seq", "embed"))
+        return x if cache is None else (x, cache)
 
 
 class Transformer(nnx.Module):
@@ -97,12 +107,43 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        x = self._embed(tokens, positions, k_embed)
+        x = self._run_blocks(x, attention_mask(segment_ids), positions, k_layers)
+        return self._logits(x)
 
+    def decode(self, tokens, positions, cache):
+        """The forward pass with a kv cache (generation): tokens, positions (B, T), written at
+        cache slots start..start+T-1. `cache`: {"k", "v": (L, B, S, K, H), "positions": (B, S)
+        position held by each slot, -1 for empty or padding, "start": int}. A query sees the
+        filled slots at or before its own position (within the layer's window). Positions -1
+        mark left padding. Returns (logits (B, T, V) fp32, the updated cache)."""
+        T = tokens.shape[1]
+        key_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions,
+                                                            cache["start"], axis=1)  # (B, S)
+        distance = positions[:, :, None] - key_positions[:, None, :]  # (B, T, S)
+        visible = (key_positions[:, None, :] >= 0) & (distance >= 0)
+        x = self._embed(tokens, jnp.maximum(positions, 0), None)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, per_layer):
+            state, window, k, v = per_layer
+            mask = visible & ((window <= 0) | (distance < window))
+            x, new = nnx.merge(graphdef, state)(x, mask, positions, None,
+                                                {"k": k, "v": v, "start": cache["start"]})
+            return x, (new["k"], new["v"])
+
+        x, (k, v) = jax.lax.scan(layer, x, (stacked, jnp.asarray(self.windows, jnp.int32),
+                                            cache["k"], cache["v"]))
+        return self._logits(x), {"k": k, "v": v, "positions": key_positions,
+                                 "start": cache["start"] + T}
+
+    def _embed(self, tokens, positions, dropout_key):
         x = lookup(self.embed[...], tokens, "vocab").astype(self.dtype)  # (B, T, D)
         if self.pos_embed is not None:
             x = x + lookup(self.pos_embed[...], positions, "position").astype(self.dtype)
-        x = constrain(dropout(x, self.dropout, k_embed), ("batch", "seq", "embed"))
-        x = self._run_blocks(x, attention_mask(segment_ids), positions, k_layers)
+        return constrain(dropout(x, self.dropout, dropout_key), ("batch", "seq", "embed"))
+
+    def _logits(self, x):
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is None:  # tied: logits against the input embedding table
