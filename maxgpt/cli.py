@@ -80,6 +80,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import jax
+
+    from maxgpt.export import family, verify, write_folder
+    from maxgpt.train import load_for_inference
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    family(load_config(run_dir / "config.yaml").model)  # refuse before restoring anything
+    trainer, params, corpus, step = load_for_inference(run_dir, args.step)
+    params = jax.device_get(params)
+    files = write_folder(trainer.cfg.model, params, Path(args.out),
+                         None if corpus is None else corpus.tokenizer.model_proto,
+                         overwrite=args.overwrite)
+    print(f"{args.out}: step {step} as {family(trainer.cfg.model)} ({', '.join(files)})")
+    if args.verify:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError("--verify needs torch and transformers (pip install "
+                              "torch==2.13.0 transformers)") from None
+        texts = ["def main():\n    return 0\n", "The quick brown fox jumps over the lazy dog."]
+        worst = verify(trainer.cfg.model, params, Path(args.out), corpus.tokenizer, texts)
+        if worst > 1e-4:
+            raise ConfigError(f"verification failed: logits differ by up to {worst:.2e}")
+        print(f"verified with transformers: same tokens, logits within {worst:.1e}")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from maxgpt.data.prepare import prepare
 
@@ -160,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no cut")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    exp = commands.add_parser("export", help="a Hugging Face model folder from a checkpoint")
+    exp.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
+    exp.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    exp.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    exp.add_argument("--verify", action="store_true",
+                     help="load the export with transformers and compare logits and tokens")
+    exp.set_defaults(func=cmd_export)
 
     prep = commands.add_parser("prepare", help="text files -> ArrayRecord document shards")
     prep.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or directories")

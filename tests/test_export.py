@@ -1,0 +1,90 @@
+"""Hugging Face export: transformers (PyTorch, CPU) computes the same logits as maxgpt."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxgpt.config import ConfigError
+from maxgpt.export import family, hf_config, to_hf
+from maxgpt.model import Transformer
+from tests.conftest import make_config
+from tests.test_model import randomized
+
+torch = pytest.importorskip("torch", reason="parity needs torch (CI installs the CPU build)")
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {
+    "openai-gpt": ("tiny-gpt2", "model.norm_position=post", "model.vocab_size=300"),
+    "gpt2": ("tiny-gpt2", "model.vocab_size=300", "model.mlp_dim=96"),
+    "llama": ("tiny", "model.vocab_size=300", "model.rope_theta=500000"),  # GQA 4:2, untied
+    "mistral": ("tiny", "model.vocab_size=300", "model.attention_window=6",
+                "model.tie_embeddings=true"),
+}
+
+
+def export(cfg, params, out):
+    from safetensors.numpy import save_file
+
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(hf_config(cfg)))
+    save_file(to_hf(cfg, params), str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_transformers_gives_the_same_logits(kind, tmp_path):
+    cfg = make_config(*FAMILIES[kind]).model
+    assert family(cfg) == kind
+    model, params = randomized(Transformer(cfg, nnx.Rngs(0)), std=0.1)
+    export(cfg, params, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                           dtype=torch.float32).eval()
+    assert hf.config.model_type == kind
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(model(jnp.asarray(tokens)))[..., :cfg.vocab_size]
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_banded_gpt3_is_refused():
+    cfg = make_config("tiny-gpt2", "model.attention_window=4",
+                      "model.window_pattern=alternate").model
+    with pytest.raises(ConfigError, match="refusing to export it approximately"):
+        family(cfg)
+
+
+def test_export_command_folder_works_with_transformers(tmp_path, capsys):
+    """A trained run, exported by the CLI with --verify; then transformers' own tokenizer
+    and generation API on the folder give what maxgpt's greedy generation gives."""
+    from maxgpt import cli, train
+    from maxgpt.data.tokenizer import BOS_ID
+    from maxgpt.generate import generate
+
+    cfg = make_config("tiny", "data.source=builtin", "model.vocab_size=512", "train.steps=2",
+                      "train.batch_size=8", "train.seq_len=64", "train.eval_every=0",
+                      "data.num_workers=0")
+    state, _ = train.run(cfg, tmp_path / "run", echo=False)
+    out = tmp_path / "hf"
+    assert cli.main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out),
+                     "--verify"]) == 0
+    assert "verified with transformers" in capsys.readouterr().out
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prompt = "import os\ndef "
+    ids = [BOS_ID, *tokenizer(prompt)["input_ids"]]
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                             min_new_tokens=6)[0, len(ids):].tolist()
+    ours = generate(train.abstract_model(cfg)[0], state["params"], cfg.model, [ids],
+                    max_new_tokens=6, temperature=0, min_new_tokens=6)[0]
+    assert theirs == ours
+
+    # refusals: a non-empty folder without --overwrite; an architecture with no HF class
+    assert cli.main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
