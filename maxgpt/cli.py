@@ -111,6 +111,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from maxgpt.export import import_folder
+
+    run_dir = import_folder(Path(args.hf), Path(args.run_dir), args.overrides)
+    note = "" if (run_dir / "tokenizer.model").is_file() else (
+        " (the folder has no tokenizer.model: set data.tokenizer=PATH for text data)")
+    print(f"{run_dir}: weights from {args.hf}{note}; train with `maxgpt train --run-dir "
+          f"{args.run_dir}`")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from maxgpt.data.prepare import prepare
 
@@ -200,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--verify", action="store_true",
                      help="load the export with transformers and compare logits and tokens")
     exp.set_defaults(func=cmd_export)
+
+    imp = commands.add_parser("import", help="start a run from Hugging Face weights")
+    imp.add_argument("--hf", required=True, help="a Hugging Face model folder (safetensors)")
+    imp.add_argument("--run-dir", required=True, help="the new run directory")
+    imp.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="e.g. train.steps=1000 data.source=/data/prepared")
+    imp.set_defaults(func=cmd_import)
 
     prep = commands.add_parser("prepare", help="text files -> ArrayRecord document shards")
     prep.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or directories")

@@ -208,3 +208,166 @@ def verify(m: ModelConfig, params: dict, out: Path, tokenizer, texts: list[str])
         ours = np.asarray(model(jnp.asarray([ids])))[..., :m.vocab_size]
         worst = max(worst, float(np.abs(theirs - ours).max()))
     return worst
+
+
+def model_overrides(hf: dict[str, Any]) -> dict[str, Any]:
+    """`model.*` values for a Hugging Face config.json; refuses what maxgpt cannot compute."""
+    kind = hf.get("model_type")
+    if kind in ("gpt2", "openai-gpt"):
+        act = hf.get("activation_function" if kind == "gpt2" else "afn",
+                     "gelu_new" if kind == "gpt2" else "gelu")
+        if act != ("gelu_new" if kind == "gpt2" else "gelu"):  # both mean the tanh GELU
+            raise ConfigError(f"{kind} with activation {act!r} is not supported (maxgpt's GELU "
+                              "is the tanh approximation)")
+        D = hf["n_embd"]
+        return {"name": f"hf-{kind}", "vocab_size": hf["vocab_size"],
+                "max_seq_len": hf["n_positions"], "num_layers": hf["n_layer"], "embed_dim": D,
+                "num_heads": hf["n_head"], "num_kv_heads": hf["n_head"],
+                "mlp_dim": (hf.get("n_inner") or 4 * D) if kind == "gpt2" else 4 * D,
+                "norm": "layernorm", "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+                "norm_position": "pre" if kind == "gpt2" else "post", "position": "learned",
+                "mlp": "gelu", "use_bias": True, "tie_embeddings": True, "attention_window": 0}
+    if kind in ("llama", "mistral"):
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+            raise ConfigError(f"{kind} with rope scaling ({rope or hf.get('rope_scaling')}) is "
+                              "not supported")
+        heads, D = hf["num_attention_heads"], hf["hidden_size"]
+        if hf.get("head_dim", D // heads) != D // heads:
+            raise ConfigError(f"head_dim {hf['head_dim']} != hidden_size / heads: not supported")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get(
+                "mlp_bias"):
+            raise ConfigError(f"this {kind} variant (activation, biases) is not supported")
+        window = (hf.get("sliding_window") or 0) if kind == "mistral" else 0
+        return {"name": f"hf-{kind}", "vocab_size": hf["vocab_size"],
+                "max_seq_len": hf.get("max_position_embeddings", 2048),
+                "num_layers": hf["num_hidden_layers"], "embed_dim": D, "num_heads": heads,
+                "num_kv_heads": hf.get("num_key_value_heads") or heads,
+                "mlp_dim": hf["intermediate_size"], "norm": "rmsnorm",
+                "norm_eps": hf.get("rms_norm_eps", 1e-6), "norm_position": "pre",
+                "position": "rope",
+                "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                "mlp": "swiglu", "use_bias": False,
+                "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                "attention_window": window, "window_pattern": "all"}
+    raise ConfigError(f"unknown model_type {kind!r}: maxgpt imports openai-gpt, gpt2, llama "
+                      "and mistral")
+
+
+def from_hf(m: ModelConfig, state: dict[str, np.ndarray]) -> dict:
+    """A Hugging Face state dict -> maxgpt parameters (numpy), the inverse of `to_hf`."""
+    kind, D, L = family(m), m.embed_dim, m.num_layers
+    N, K, H = m.num_heads, m.num_kv_heads, m.head_dim
+    pad = m.padded_vocab_size - m.vocab_size
+
+    def get(name):
+        if name not in state:
+            raise ConfigError(f"the checkpoint lacks {name}")
+        return np.asarray(state[name], np.float32)
+
+    layers = "transformer.h" if kind in ("gpt2", "openai-gpt") else "model.layers"
+
+    def stack(fn):  # fn(prefix of layer i) for every layer, stacked on a leading axis
+        return np.stack([fn(f"{layers}.{i}.") for i in range(L)])
+
+    embed_name = ("transformer." + _gpt_names(kind)[0] if kind in ("gpt2", "openai-gpt")
+                  else "model.embed_tokens") + ".weight"
+    params: dict[str, Any] = {"embed": np.pad(get(embed_name), ((0, pad), (0, 0)))}
+    if kind in ("gpt2", "openai-gpt"):
+        def qkv(h, part, bias=False):
+            w = get(h + "attn.c_attn." + ("bias" if bias else "weight"))
+            piece = np.split(w, 3, axis=-1)[part]
+            return piece.reshape(N, H) if bias else piece.reshape(D, N, H)
+
+        params["pos_embed"] = get(f"transformer.{_gpt_names(kind)[1]}.weight")
+        attn = {n: stack(lambda h, j=j: qkv(h, j)) for j, n in enumerate(
+            ("q_proj", "k_proj", "v_proj"))}
+        attn.update({n: stack(lambda h, j=j: qkv(h, j, bias=True)) for j, n in enumerate(
+            ("q_bias", "k_bias", "v_bias"))})
+        attn["o_proj"] = stack(lambda h: get(h + "attn.c_proj.weight").reshape(N, H, D))
+        attn["o_bias"] = stack(lambda h: get(h + "attn.c_proj.bias"))
+        mlp = {"up_proj": stack(lambda h: get(h + "mlp.c_fc.weight")),
+               "up_bias": stack(lambda h: get(h + "mlp.c_fc.bias")),
+               "down_proj": stack(lambda h: get(h + "mlp.c_proj.weight")),
+               "down_bias": stack(lambda h: get(h + "mlp.c_proj.bias"))}
+        norms = {ours: {"scale": stack(lambda h, t=theirs: get(h + f"{t}.weight")),
+                        "bias": stack(lambda h, t=theirs: get(h + f"{t}.bias"))}
+                 for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"))}
+        params["blocks"] = {"attn": attn, "mlp": mlp, **norms}
+        if kind == "gpt2":
+            params["final_norm"] = {"scale": get("transformer.ln_f.weight"),
+                                    "bias": get("transformer.ln_f.bias")}
+        return params
+    heads = {"q_proj": N, "k_proj": K, "v_proj": K}
+    attn = {n: stack(lambda h, n=n: get(h + f"self_attn.{n}.weight").T.reshape(D, heads[n], H))
+            for n in heads}
+    attn["o_proj"] = stack(lambda h: get(h + "self_attn.o_proj.weight").T.reshape(N, H, D))
+    mlp = {n: stack(lambda h, n=n: get(h + f"mlp.{n}.weight").T)
+           for n in ("gate_proj", "up_proj", "down_proj")}
+    params["blocks"] = {
+        "attn": attn, "mlp": mlp,
+        "attn_norm": {"scale": stack(lambda h: get(h + "input_layernorm.weight"))},
+        "mlp_norm": {"scale": stack(lambda h: get(h + "post_attention_layernorm.weight"))}}
+    params["final_norm"] = {"scale": get("model.norm.weight")}
+    if not m.tie_embeddings:
+        params["lm_head"] = np.pad(get("lm_head.weight").T, ((0, 0), (0, pad)))
+    return params
+
+
+def read_config(hf_dir: Path) -> dict[str, Any]:
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise ConfigError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+    return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
+def read_folder(hf_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json and all weights (one safetensors file or an index of shards)."""
+    from safetensors.numpy import load_file
+
+    hf_dir = Path(hf_dir)
+    config = read_config(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+             if index.is_file() else ["model.safetensors"])
+    state: dict[str, np.ndarray] = {}
+    for name in files:
+        if not (hf_dir / name).is_file():
+            raise ConfigError(f"{hf_dir / name} is missing (only safetensors weights are read)")
+        state.update(load_file(str(hf_dir / name)))
+    return config, state
+
+
+def import_folder(hf_dir: Path, run_dir: Path, overrides=()) -> Path:
+    """`maxgpt import`: a new run directory whose training starts from the Hugging Face
+    weights (via checkpoint.load_params_from), with the folder's sentencepiece tokenizer."""
+    import jax
+    import orbax.checkpoint as ocp
+    import yaml
+    from flax import nnx
+
+    from maxgpt.checkpoint import check_architecture
+    from maxgpt.config import load_config
+    from maxgpt.train import abstract_model
+
+    run_dir = Path(run_dir).absolute()
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; import into a new --run-dir "
+                          "(nothing was changed)")
+    values = model_overrides(read_config(hf_dir))  # refuse before reading any weights
+    _, state = read_folder(hf_dir)
+    imported = run_dir / "imported"
+    cfg = load_config(None, [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                             for k, v in values.items()]
+                      + [f"checkpoint.load_params_from={imported}", *overrides])
+    params = from_hf(cfg.model, state)
+    check_architecture(params, nnx.to_pure_dict(abstract_model(cfg)[1]), f"{hf_dir}")
+    manager = ocp.CheckpointManager(imported / "checkpoints", item_names=("state",),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"params": jax.tree.map(np.asarray, params)})))
+    manager.wait_until_finished()
+    manager.close()
+    if (Path(hf_dir) / "tokenizer.model").is_file():
+        (run_dir / "tokenizer.model").write_bytes((Path(hf_dir) / "tokenizer.model").read_bytes())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir

@@ -2,12 +2,13 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from maxgpt.config import ConfigError
+from maxgpt.config import ConfigError, load_config
 from maxgpt.export import family, hf_config, to_hf
 from maxgpt.model import Transformer
 from tests.conftest import make_config
@@ -49,6 +50,49 @@ def test_transformers_gives_the_same_logits(kind, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_hf_to_maxgpt_to_hf_is_exact(kind, tmp_path):
+    from maxgpt import cli
+    from maxgpt.checkpoint import load_params
+    from maxgpt.export import from_hf, read_folder
+    from maxgpt.train import abstract_model
+
+    cfg = make_config(*FAMILIES[kind]).model
+    _, params = randomized(Transformer(cfg, nnx.Rngs(1)), std=0.1)
+    export(cfg, params, tmp_path / "hf")
+    (tmp_path / "hf/tokenizer.model").write_bytes(b"not read here")
+    assert cli.main(["import", "--hf", str(tmp_path / "hf"), "--run-dir",
+                     str(tmp_path / "run")]) == 0
+    imported = load_config(tmp_path / "run/config.yaml")
+    assert imported.model.name == f"hf-{kind}"
+    _, abstract = abstract_model(imported)
+    pure = nnx.to_pure_dict(abstract)
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                             pure)
+    loaded, _ = load_params(imported.checkpoint.load_params_from, pure, shardings)
+    again = to_hf(imported.model, loaded)
+    _, original = read_folder(tmp_path / "hf")
+    assert again.keys() == original.keys()
+    for name in original:
+        np.testing.assert_array_equal(again[name], original[name], err_msg=name)
+    assert (tmp_path / "run/tokenizer.model").read_bytes() == b"not read here"
+    np.testing.assert_array_equal(from_hf(imported.model, original)["embed"][300:], 0)
+
+
+def test_import_refusals(tmp_path, capsys):
+    from maxgpt import cli
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert cli.main(["import", "--hf", str(tmp_path / "hf"), "--run-dir",
+                     str(tmp_path / "run")]) == 2
+    assert "unknown model_type 'bert'" in capsys.readouterr().err
+    assert cli.main(["import", "--hf", str(tmp_path / "nothing"), "--run-dir",
+                     str(tmp_path / "run")]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_banded_gpt3_is_refused():
     cfg = make_config("tiny-gpt2", "model.attention_window=4",
                       "model.window_pattern=alternate").model
@@ -85,6 +129,15 @@ def test_export_command_folder_works_with_transformers(tmp_path, capsys):
                     max_new_tokens=6, temperature=0, min_new_tokens=6)[0]
     assert theirs == ours
 
-    # refusals: a non-empty folder without --overwrite; an architecture with no HF class
+    # refusals: a non-empty folder without --overwrite
     assert cli.main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+    # and back: continue pretraining from the export
+    run2 = tmp_path / "continued"
+    assert cli.main(["import", "--hf", str(out), "--run-dir", str(run2), "train.steps=1",
+                     "train.batch_size=8", "train.seq_len=64", "train.eval_every=0",
+                     "data.num_workers=0"]) == 0
+    assert cli.main(["train", "--run-dir", str(run2)]) == 0
+    assert f"parameters from {run2 / 'imported' / 'checkpoints' / '0'}" in (
+        capsys.readouterr().err)
