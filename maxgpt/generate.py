@@ -3,9 +3,10 @@
 - Prompts of different lengths are batched by left padding: row b's tokens end at the same
   slot, its padding slots hold position -1 and are never attended to.
 - Prefill runs the model once over all prompt tokens, writing their keys and values into
-  the cache (`Transformer.decode`); each decode step then feeds one token per row. Both are
-  jitted (two shapes, two compilations), and the cache is sharded like the activations
-  (batch over the data axes, kv heads over tensor).
+  the cache (`Transformer.decode`); each decode step then feeds one token per row. Prefill
+  and the whole decode loop (`lax.while_loop`, ending when every row has met eos) are one
+  jitted call, the cache updated in place inside it: no host round trip per token. The cache is sharded
+  like the activations (batch over the data axes, kv heads over tensor).
 - Sampling: temperature (0 is greedy), top-k, top-p (nucleus), from a key derived from
   (seed, step), so a seed reproduces a completion. A row stops at eos.
 """
@@ -30,11 +31,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
             "start": jnp.zeros((), jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "allow_eos"))
-def choose(logits, key, *, temperature: float, top_k: int, top_p: float, allow_eos: bool):
-    """Next tokens (B,) from last-position logits (B, V)."""
-    if not allow_eos:
-        logits = logits.at[:, EOS_ID].set(-jnp.inf)
+def choose(logits, key, *, temperature: float, top_k: int, top_p: float, allow_eos):
+    """Next tokens (B,) from last-position logits (B, V). `allow_eos` may be traced."""
+    logits = jnp.where(allow_eos, logits, logits.at[:, EOS_ID].set(-jnp.inf))
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -67,27 +66,39 @@ def generate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, prompts: list[lis
     for b, prompt in enumerate(prompts):
         tokens[b, P - len(prompt):] = prompt
         positions[b, P - len(prompt):] = np.arange(len(prompt))
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    new = _run(graphdef, params, jnp.asarray(tokens), jnp.asarray(positions),
+               init_cache(cfg, B, length), jax.random.key(seed), max_new_tokens,
+               min_new_tokens, tuple(sampling.items()))
+    rows = []
+    for row in np.asarray(new):
+        end = np.flatnonzero(row < 0)  # -1 from a row's eos on
+        rows.append([int(t) for t in row[:end[0] if len(end) else len(row)]])
+    return rows
 
-    @jax.jit
-    def step(params, tokens, positions, cache):
-        logits, cache = nnx.merge(graphdef, params).decode(tokens, positions, cache)
-        return logits[:, -1], cache
 
-    logits, cache = step(params, tokens, positions, init_cache(cfg, B, length))
-    next_positions = positions[:, -1:] + 1
-    key = jax.random.key(seed)
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, bool)
-    for t in range(max_new_tokens):
-        chosen = np.asarray(choose(logits, jax.random.fold_in(key, t), temperature=temperature,
-                                   top_k=top_k, top_p=top_p, allow_eos=t >= min_new_tokens))
-        for b in np.flatnonzero(~done):
-            if chosen[b] == EOS_ID:
-                done[b] = True
-            else:
-                new[b].append(int(chosen[b]))
-        if done.all() or t == max_new_tokens - 1:
-            break
-        logits, cache = step(params, chosen[:, None], next_positions, cache)
-        next_positions = next_positions + 1
-    return new
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def _run(graphdef, params, tokens, positions, cache, key, max_new: int, min_new: int,
+         sampling: tuple):
+    """Prefill, then the whole decode loop on the device (`lax.while_loop`): no host round
+    trip per token. Returns (B, max_new) new ids, -1 after a row's eos."""
+    model = nnx.merge(graphdef, params)
+    options = dict(sampling)
+    logits, cache = model.decode(tokens, positions, cache)
+    B = tokens.shape[0]
+
+    def body(carry):
+        t, logits, cache, position, out, done = carry
+        token = choose(logits, jax.random.fold_in(key, t), allow_eos=t >= min_new, **options)
+        done = done | (token == EOS_ID)
+        out = out.at[:, t].set(jnp.where(done, -1, token))
+        logits, cache = model.decode(token[:, None], position, cache)
+        return t + 1, logits[:, -1], cache, position + 1, out, done
+
+    def cond(carry):
+        t, *_, done = carry
+        return (t < max_new) & ~jnp.all(done)
+
+    carry = (jnp.zeros((), jnp.int32), logits[:, -1], cache, positions[:, -1:] + 1,
+             jnp.full((B, max_new), -1, jnp.int32), jnp.zeros((B,), bool))
+    return jax.lax.while_loop(cond, body, carry)[4]
