@@ -141,3 +141,37 @@ def test_export_command_folder_works_with_transformers(tmp_path, capsys):
     assert cli.main(["train", "--run-dir", str(run2)]) == 0
     assert f"parameters from {run2 / 'imported' / 'checkpoints' / '0'}" in (
         capsys.readouterr().err)
+
+
+def test_large_exports_are_sharded_with_an_index(tmp_path, monkeypatch):
+    from maxgpt import export as export_module
+    from maxgpt.data import builtin
+    from maxgpt.export import read_folder, write_folder
+
+    cfg = make_config(*FAMILIES["llama"]).model
+    model, params = randomized(Transformer(cfg, nnx.Rngs(2)), std=0.1)
+    monkeypatch.setattr(export_module, "SHARD_BYTES", 40_000)
+    proto = builtin.tokenizer_path(512).read_bytes()
+    files = write_folder(cfg, params, tmp_path / "hf", proto)
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files
+    _, state = read_folder(tmp_path / "hf")
+    assert state.keys() == to_hf(cfg, params).keys()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                           dtype=torch.float32).eval()
+    tokens = np.arange(2, 14)[None]
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(model(jnp.asarray(tokens)))[..., :cfg.vocab_size]
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_without_tokenizer_is_not_exported(tmp_path, capsys):
+    from maxgpt import cli, train
+
+    train.run(make_config("tiny", "train.steps=1", "train.batch_size=8", "train.seq_len=16"),
+              tmp_path / "run", echo=False)
+    assert cli.main(["export", "--run-dir", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "hf")]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
