@@ -27,6 +27,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _existing_run(path: str) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    return run_dir
+
+
 def cmd_train(args) -> int:
     from maxgpt.train import run  # imports jax: keep `maxgpt --help` fast
 
@@ -46,11 +53,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from maxgpt.train import evaluate_checkpoint
+    from maxgpt.inference import evaluate_checkpoint
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    run_dir = _existing_run(args.run_dir)
     metrics = evaluate_checkpoint(run_dir, args.step, args.overrides)
     print(json.dumps(metrics))
     return 0
@@ -61,11 +66,9 @@ def cmd_generate(args) -> int:
 
     from maxgpt.data.tokenizer import BOS_ID
     from maxgpt.generate import generate
-    from maxgpt.train import load_for_inference
+    from maxgpt.inference import load_for_inference
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    run_dir = _existing_run(args.run_dir)
     trainer, params, corpus, _ = load_for_inference(run_dir, args.step)
     if corpus is None:
         raise ConfigError(f"{run_dir} trained on synthetic data: there is no tokenizer")
@@ -84,11 +87,9 @@ def cmd_export(args) -> int:
     import jax
 
     from maxgpt.export import family, verify, write_folder
-    from maxgpt.train import load_for_inference
+    from maxgpt.inference import load_for_inference
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    run_dir = _existing_run(args.run_dir)
     family(load_config(run_dir / "config.yaml").model)  # refuse before restoring anything
     trainer, params, corpus, step = load_for_inference(run_dir, args.step)
     params = jax.device_get(params)

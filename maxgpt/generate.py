@@ -5,8 +5,8 @@
 - Prefill runs the model once over all prompt tokens, writing their keys and values into
   the cache (`Transformer.decode`); each decode step then feeds one token per row. Prefill
   and the whole decode loop (`lax.while_loop`, ending when every row has met eos) are one
-  jitted call, the cache updated in place inside it: no host round trip per token. The cache is sharded
-  like the activations (batch over the data axes, kv heads over tensor).
+  jitted call, the cache updated in place inside it: no host round trip per token. The
+  cache is sharded like the activations (batch over the data axes, kv heads over tensor).
 - Sampling: temperature (0 is greedy), top-k, top-p (nucleus), from a key derived from
   (seed, step), so a seed reproduces a completion. A row stops at eos.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from maxgpt.config import ConfigError, ModelConfig
-from maxgpt.data.tokenizer import EOS_ID, PAD_ID
+from maxgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
@@ -102,3 +102,18 @@ def _run(graphdef, params, tokens, positions, cache, key, max_new: int, min_new:
     carry = (jnp.zeros((), jnp.int32), logits[:, -1], cache, positions[:, -1:] + 1,
              jnp.full((B, max_new), -1, jnp.int32), jnp.zeros((B,), bool))
     return jax.lax.while_loop(cond, body, carry)[4]
+
+
+SAMPLE_TOKENS = 160
+
+
+def print_sample(graphdef: nnx.GraphDef, params, cfg: ModelConfig, tokenizer, seed: int) -> None:
+    """A few lines generated from bos, which ends every training run on text: what the model
+    has learned, at a glance. Every process samples (the parameters span them all; the draw
+    is seeded, so they agree) and process 0 prints."""
+    ids = generate(graphdef, params, cfg, [[BOS_ID]],
+                   max_new_tokens=min(SAMPLE_TOKENS, cfg.max_seq_len - 1), temperature=0.8,
+                   top_k=50, seed=seed, min_new_tokens=SAMPLE_TOKENS // 2)[0]
+    if jax.process_index() == 0:
+        print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
+              f"{tokenizer.decode(ids)}\n---", flush=True)

@@ -27,14 +27,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from maxgpt import sharding
-from maxgpt.config import Config, ConfigError, load_config
+from maxgpt.config import Config, ConfigError
 from maxgpt.checkpoint import Checkpointer, load_params
 from maxgpt.data import SyntheticSource
 from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches,
                                   check_eval_split, describe, resolve_corpus)
-from maxgpt.data.tokenizer import BOS_ID
 from maxgpt.evaluate import evaluate
-from maxgpt.generate import generate
+from maxgpt.generate import print_sample
 from maxgpt.flops import flops_per_token, peak_flops
 from maxgpt.metrics import MetricsWriter
 from maxgpt.model import Transformer
@@ -406,49 +405,6 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                 last_time, last_step = time.perf_counter(), done
         _check_bad_steps(previous, cfg, done)
         if corpus is not None and echo and not stopped:
-            print_sample(trainer, state["params"], corpus)
+            print_sample(trainer.graphdef, state["params"], cfg.model, corpus.tokenizer,
+                         cfg.train.seed)
     return state, history
-
-
-SAMPLE_TOKENS = 160
-
-
-def print_sample(trainer: Trainer, params, corpus: Corpus) -> None:
-    """A few lines generated from bos: what the model has learned, at a glance. Every
-    process samples (the parameters span them all; the draw is seeded, so they agree) and
-    process 0 prints."""
-    ids = generate(trainer.graphdef, params, trainer.cfg.model, [[BOS_ID]],
-                   max_new_tokens=min(SAMPLE_TOKENS, trainer.cfg.model.max_seq_len - 1),
-                   temperature=0.8, top_k=50, seed=trainer.cfg.train.seed,
-                   min_new_tokens=SAMPLE_TOKENS // 2)[0]
-    if jax.process_index() == 0:
-            print(f"--- sample: {len(ids)} tokens from bos, temperature 0.8, top-k 50 ---\n"
-              f"{corpus.tokenizer.decode(ids)}\n---", flush=True)
-
-
-def load_for_inference(run_dir: Path, step: int | None = None, overrides=(), devices=None
-                       ) -> tuple[Trainer, Any, Corpus | None, int]:
-    """A run's trainer (for its mesh and model), the parameters of a checkpoint (default: the
-    newest) and its data; for `maxgpt eval` and `maxgpt generate`."""
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    corpus = open_corpus(cfg, run_dir)
-    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
-    with contextlib.closing(Checkpointer(run_dir, read_only=True)) as checkpointer:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{run_dir} has no checkpoint")
-        with jax.set_mesh(trainer.mesh):
-            state, _ = checkpointer.restore(step, abstract_state(trainer),
-                                            trainer.state_shardings, data=False)
-    return trainer, state["params"], corpus, step
-
-
-def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
-                        devices=None) -> dict[str, Any]:
-    """`maxgpt eval`: held-out metrics of a run's checkpoint (default: the newest)."""
-    trainer, params, corpus, step = load_for_inference(run_dir, step, overrides, devices)
-    if corpus is None:
-        raise ConfigError(f"{run_dir} trained on synthetic data: there is no held-out split")
-    with jax.set_mesh(trainer.mesh):
-        metrics = evaluate(trainer, params, corpus, corpus.tokenizer.byte_lengths())
-    return {"step": step, **metrics}
