@@ -20,7 +20,7 @@ from maxgpt.train import Trainer, abstract_state, build_trainer, open_corpus
 def load_for_inference(run_dir: Path, step: int | None = None, overrides=(), devices=None
                        ) -> tuple[Trainer, Any, Corpus | None, int]:
     """A run's trainer (for its mesh and model), the parameters of a checkpoint (default: the
-    newest) and its data; for `maxgpt eval` and `maxgpt generate`."""
+    newest) and its data; for `maxgpt eval`, `maxgpt generate` and `maxgpt export`."""
     cfg = load_config(run_dir / "config.yaml", overrides)
     corpus = open_corpus(cfg, run_dir)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
