@@ -92,6 +92,14 @@ def loss_fn(params, graphdef, batch, dropout_key, z_loss: float):
     return objective, (nll, weights.sum())
 
 
+def all_finite(tree) -> jax.Array:
+    """True when no leaf of `tree` holds inf or nan."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite = jax.jit(all_finite)  # for the check before a save, outside the step
+
+
 def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     """One optimizer step over the global batch, accumulated over `train.microbatches`."""
     M = cfg.train.microbatches
@@ -127,9 +135,7 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     # Non-finite guard: a step whose loss, gradient or result is not finite is skipped (the
     # state keeps its old values, the step counter and the data move on), so parameters and
     # checkpoints never hold inf/nan. The run loop stops after train.max_bad_steps in a row.
-    finite = (jnp.isfinite(nll) & jnp.isfinite(grad_norm)
-              & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
-                                   for p in jax.tree.leaves(new_params)])))
+    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm) & all_finite(new_params)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = {"params": keep(new_params, params),
                  "opt_state": keep(opt_state, state["opt_state"]),
@@ -313,11 +319,6 @@ def _check_bad_steps(metrics, cfg: Config, step: int) -> None:
             "or gradient (each was skipped, the parameters are unchanged and finite); lower "
             "optim.lr, lengthen optim.warmup_steps or check the data, then continue from the "
             "last checkpoint")
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _save(checkpointer: Checkpointer, step: int, state, source, fingerprint: dict,
