@@ -159,11 +159,10 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from maxgpt.train import count_params, vocab_padding_params
+    from maxgpt.train import active_params, count_params, vocab_padding_params
 
     cfg = load_config(args.config, args.overrides)
-    total = count_params(cfg)
-    active = total  # dense models: every parameter is used by every token
+    total, active = count_params(cfg), active_params(cfg)
     padding = vocab_padding_params(cfg)
     if args.json:
         print(json.dumps({"total": total, "active": active, "vocab_padding": padding}))

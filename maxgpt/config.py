@@ -58,6 +58,14 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"]  # master weights
     remat: Literal["none", "dots", "full"]
     init_std: float
+    # Mixture of experts (docs/models.md): 0 experts is a dense model.
+    num_experts: int  # routed experts per MoE layer, each an MLP of width mlp_dim
+    experts_per_token: int  # k of top-k routing
+    moe_every: int  # 1: every layer is MoE; n: layers n-1, 2n-1, ... (GShard/Switch: 2)
+    moe_routing: Literal["topk_softmax", "softmax_topk"]  # Mixtral | Switch/GShard
+    moe_dispatch: Literal["dropless", "capacity"]
+    capacity_factor: float  # capacity: each expert takes factor * T * k / E tokens per row
+    num_shared_experts: int  # experts every token passes through (one MLP of n * mlp_dim)
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +77,16 @@ class ModelConfig:
         128, so the vocabulary dimension tiles evenly on TPU/GPU matrix units and divides
         over tensor-parallel shards. The extra rows are never predicted (masked logits)."""
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layers(self) -> list[bool]:
+        """Which layers have a mixture-of-experts feed-forward block: with moe_every=n the
+        last of every n layers (all of them for n=1), as in GShard and Switch for n=2."""
+        n = self.moe_every
+        return [self.moe and i % n == n - 1 for i in range(self.num_layers)]
 
     def layer_windows(self) -> list[int]:
         """Attention window per layer; 0 means full causal attention."""
@@ -84,6 +102,7 @@ class ModelConfig:
 class MeshConfig:
     data: int  # -1: whatever the other axes leave of the device count
     fsdp: int
+    expert: int  # expert parallelism: MoE experts split over it, a data axis elsewhere
     tensor: int
 
 
@@ -96,6 +115,8 @@ class TrainConfig:
     log_every: int
     microbatches: int  # gradient accumulation: the global batch is split into this many
     z_loss: float  # weight of the PaLM z-loss, mean(log(Z)^2); 0 turns it off
+    moe_balance_loss: float  # weight of the Switch load-balancing loss (MoE models)
+    moe_z_loss: float  # weight of the ST-MoE router z-loss (MoE models)
     eval_every: int  # held-out evaluation every this many steps (and at the end); 0: never
     eval_steps: int  # batches per evaluation, always the same ones
     max_bad_steps: int  # non-finite loss/gradient steps in a row (each skipped) before stopping
@@ -336,12 +357,32 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     _validate_data(cfg.data)
-    for key, value in {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
-                       "mesh.tensor": cfg.mesh.tensor}.items():
+    _validate_moe(cfg)
+    mesh = dataclasses.asdict(cfg.mesh)
+    for axis, value in mesh.items():
         if value == 0 or value < -1:
-            raise ConfigError(f"{key} must be a positive size or -1 (the rest), got {value}")
-    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (the rest), got {value}")
+    if list(mesh.values()).count(-1) > 1:
         raise ConfigError("at most one mesh axis may be -1")
+    if m.num_experts and cfg.mesh.expert > 0 and m.num_experts % cfg.mesh.expert:
+        raise ConfigError(f"mesh.expert={cfg.mesh.expert} must divide "
+                          f"model.num_experts={m.num_experts}")
+
+
+def _validate_moe(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    if m.num_experts < 0 or m.num_shared_experts < 0:
+        raise ConfigError("model.num_experts and model.num_shared_experts must be >= 0")
+    if m.moe and not 1 <= m.experts_per_token <= m.num_experts:
+        raise ConfigError(f"model.experts_per_token must be between 1 and model.num_experts="
+                          f"{m.num_experts}, got {m.experts_per_token}")
+    if m.moe_every < 1 or m.num_layers % m.moe_every:
+        raise ConfigError(f"model.moe_every={m.moe_every} must be >= 1 and divide "
+                          f"model.num_layers={m.num_layers}")
+    if m.capacity_factor <= 0:
+        raise ConfigError(f"model.capacity_factor must be > 0, got {m.capacity_factor}")
+    if t.moe_balance_loss < 0 or t.moe_z_loss < 0:
+        raise ConfigError("train.moe_balance_loss and train.moe_z_loss must be >= 0")
 
 
 def _validate_data(d: DataConfig) -> None:

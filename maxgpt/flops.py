@@ -44,10 +44,17 @@ def mean_visible_keys(seq_len: int, window: int) -> float:
 
 
 def matmul_params_per_token(m: ModelConfig) -> int:
-    """Weights a token is multiplied by in one forward pass (biases and norms excluded)."""
+    """Weights a token is multiplied by in one forward pass (biases and norms excluded).
+
+    An MoE layer counts its router, the k experts a token is routed to and the shared
+    experts: the active parameters, not the total.
+    """
     attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
     mlp = (3 if m.mlp == "swiglu" else 2) * m.embed_dim * m.mlp_dim
-    return m.num_layers * (attn + mlp) + m.embed_dim * m.padded_vocab_size  # + logits
+    moe = sum(m.moe_layers())
+    moe_mlp = (m.experts_per_token + m.num_shared_experts) * mlp + m.embed_dim * m.num_experts
+    return (m.num_layers * attn + (m.num_layers - moe) * mlp + moe * moe_mlp
+            + m.embed_dim * m.padded_vocab_size)  # + logits
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:

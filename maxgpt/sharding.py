@@ -6,6 +6,9 @@ This file alone knows the mesh axes:
 - `data`:   pure data parallelism; parameters replicated.
 - `fsdp`:   data parallelism with parameters (and optimizer state) sharded along `embed`
             (ZeRO-3 style; XLA all-gathers weights before use and reduce-scatters gradients).
+- `expert`: expert parallelism (GShard, Lepikhin et al. 2020): each mixture-of-experts
+            layer's experts are split over it and tokens travel to their experts' devices
+            with all-to-all (model/moe.py); everywhere else it is one more data axis.
 - `tensor`: Megatron-style tensor parallelism (Shoeybi et al. 2019): attention heads, MLP
             hidden units and the vocabulary are split; one all-reduce after attention and
             one after the MLP.
@@ -26,13 +29,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from maxgpt.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axes, tried in order. A mesh axis is used at most once per array
 # and only where it divides the dimension; otherwise that dimension stays replicated
 # (e.g. a single kv head under tensor parallelism).
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
+    "experts": ("expert",),
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "mlp": ("tensor",),
@@ -47,7 +51,7 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
     known = math.prod(v for v in sizes.values() if v != -1)
     for axis, size in sizes.items():
         if size == -1:

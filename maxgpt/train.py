@@ -77,19 +77,34 @@ def count_params(cfg: Config) -> int:
     return sum(x.size for x in jax.tree.leaves(abstract_model(cfg)[1])) - vocab_padding_params(cfg)
 
 
-def loss_fn(params, graphdef, batch, dropout_key, z_loss: float):
-    """Summed token cross-entropy (and z-loss) over non-padding tokens, and the token count.
+def active_params(cfg: Config) -> int:
+    """Parameters one token uses: all but the routed experts it does not go to (MoE); the
+    router and shared experts count. Equal to count_params for a dense model."""
+    m = cfg.model
+    per_expert = (3 if m.mlp == "swiglu" else 2) * m.embed_dim * m.mlp_dim
+    idle = sum(m.moe_layers()) * (m.num_experts - m.experts_per_token) * per_expert
+    return count_params(cfg) - idle
 
-    Sums, not means, so that microbatches add up exactly to the full batch.
+
+def loss_fn(params, graphdef, batch, dropout_key, z_loss: float, moe_balance: float = 0.0,
+            moe_z: float = 0.0):
+    """Summed token cross-entropy (plus z-loss and, for MoE models, the routing losses) over
+    non-padding tokens; aux (summed nll, token count, MoE routing stats or {}).
+
+    Sums, not means, so that microbatches add up exactly to the full batch: the routing
+    losses, means over tokens, enter weighted by the token count.
     """
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+    logits, moe = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                dropout_key)
     log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     weights = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is padding
     nll = ((log_z - target_logit) * weights).sum()
     objective = nll + z_loss * (jnp.square(log_z) * weights).sum()
-    return objective, (nll, weights.sum())
+    if moe:
+        objective += weights.sum() * (moe_balance * moe["balance_loss"] + moe_z * moe["z_loss"])
+    return objective, (nll, weights.sum(), moe)
 
 
 def all_finite(tree) -> jax.Array:
@@ -119,12 +134,14 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
         grads, nll, tokens = carry
         index, mb = micro
         mb_key = None if key is None else jax.random.fold_in(key, index)
-        (_, (mb_nll, mb_tokens)), mb_grads = grad_fn(params, graphdef, mb, mb_key,
-                                                     cfg.train.z_loss)
-        return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, tokens + mb_tokens), None
+        (_, (mb_nll, mb_tokens, moe)), mb_grads = grad_fn(
+            params, graphdef, mb, mb_key, cfg.train.z_loss, cfg.train.moe_balance_loss,
+            cfg.train.moe_z_loss)
+        carry = (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, tokens + mb_tokens)
+        return carry, moe
 
     zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-    (grads, nll, tokens), _ = jax.lax.scan(
+    (grads, nll, tokens), moe = jax.lax.scan(
         accumulate, zeros, (jnp.arange(M), jax.tree.map(split, batch)))
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
@@ -145,28 +162,35 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     metrics = {"loss": nll / tokens, "grad_norm": grad_norm,
                "lr": learning_rate(cfg)(state["step"]), "tokens": tokens,
                "skipped_steps": new_state["skipped_steps"],
-               "bad_in_a_row": new_state["bad_in_a_row"]}
+               "bad_in_a_row": new_state["bad_in_a_row"],
+               # MoE routing, averaged over the microbatches (equal in size)
+               **{f"moe_{name}": value.mean() for name, value in moe.items()}}
     return new_state, metrics
 
 
 def eval_step(params, batch, *, graphdef):
     """Summed nll, token count and target UTF-8 bytes of one batch, no dropout."""
-    _, (nll, tokens) = loss_fn(params, graphdef, batch, None, 0.0)
+    _, (nll, tokens, _) = loss_fn(params, graphdef, batch, None, 0.0)
     return nll, tokens, jnp.where(batch["segment_ids"] > 0, batch["target_bytes"], 0).sum()
 
 
-def _check_batch(cfg: Config, mesh: Mesh) -> None:
+def _check_mesh(cfg: Config, mesh: Mesh) -> None:
+    experts, ep = cfg.model.num_experts, mesh.shape["expert"]
+    if experts and experts % ep:  # mesh.expert=-1 resolves only here
+        raise ConfigError(f"the expert axis has {ep} devices, which does not divide "
+                          f"model.num_experts={experts}")
     shards = sharding.data_shards(mesh)
     micro = cfg.train.batch_size // cfg.train.microbatches
     if micro % shards:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} split into {cfg.train.microbatches} "
             f"microbatch(es) of {micro} does not divide over {shards} data shards "
-            f"(mesh.data x mesh.fsdp); use a multiple of {shards * cfg.train.microbatches}")
+            f"(mesh.data x mesh.fsdp x mesh.expert); use a multiple of "
+            f"{shards * cfg.train.microbatches}")
 
 
 def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
-    _check_batch(cfg, mesh)
+    _check_mesh(cfg, mesh)
     graphdef, abstract_params = abstract_model(cfg)
     optimizer = make_optimizer(cfg)
     param_sh = sharding.param_shardings(abstract_params, mesh)
@@ -385,7 +409,8 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                     "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
                     "mfu": None if peak is None else flops_per_step / step_time / peak,
                     "tokens_seen": done * tokens_per_step,  # training rows are never padded
-                    "skipped_steps": metrics["skipped_steps"]}))
+                    "skipped_steps": metrics["skipped_steps"],
+                    **{k: v for k, v in metrics.items() if k.startswith("moe_")}}))
                 last_time, last_step = now, done
             # Save before evaluating: a failing evaluation must not cost the checkpoint.
             saving = checkpointer is not None and (

@@ -162,10 +162,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
             batch["segment_ids"][0, 0] = 9  # a marker the patched loss turns into NaN
         return batch
 
-    def nan_loss(params, graphdef, batch, key, z_loss):
-        objective, (nll, tokens) = real_loss(params, graphdef, batch, key, z_loss)
+    def nan_loss(params, graphdef, batch, key, *weights):
+        objective, (nll, tokens, moe) = real_loss(params, graphdef, batch, key, *weights)
         nan = jnp.where(batch["segment_ids"][0, 0] == 9, jnp.nan, 0.0)
-        return objective + nan, (nll + nan, tokens)
+        return objective + nan, (nll + nan, tokens, moe)
 
     monkeypatch.setattr(SyntheticSource, "__next__", next_marked)
     monkeypatch.setattr(train, "loss_fn", nan_loss)

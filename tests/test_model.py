@@ -147,7 +147,7 @@ def test_scan_equals_unrolled_loop(variant):
     graphdef, stacked = nnx.split(model.blocks)
     for i, window in enumerate(cfg.layer_windows()):
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
-        x = block(x, window_mask(attention_mask(segments), window), positions)
+        x, _, _ = block(x, window_mask(attention_mask(segments), window), positions)
     if model.final_norm is not None:
         x = model.final_norm(x)
     head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]

@@ -97,7 +97,7 @@ def test_loss_ignores_padding_and_adds_z_loss():
     weights = np.asarray(batch["segment_ids"] > 0, np.float64)
     expected, log_z = ref.cross_entropy(logits, np.asarray(batch["targets"]), weights)
 
-    objective, (nll, tokens) = train.loss_fn(state["params"], graphdef, batch, None, 1e-2)
+    objective, (nll, tokens, _) = train.loss_fn(state["params"], graphdef, batch, None, 1e-2)
     assert tokens == 11
     np.testing.assert_allclose(nll / tokens, expected, rtol=1e-5)
     np.testing.assert_allclose(objective, nll + 1e-2 * (log_z**2 * weights).sum(), rtol=1e-5)

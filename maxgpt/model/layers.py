@@ -105,8 +105,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class MLP(nnx.Module):
     """GELU MLP (GPT-1/2/3, tanh approximation as in GPT-2) or SwiGLU (Shazeer 2020; Llama)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        D, F, pdt = cfg.embed_dim, cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int | None = None):
+        D, F, pdt = cfg.embed_dim, width or cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
         self.kind, self.dtype = cfg.mlp, jnp.dtype(cfg.dtype)
         init = normal(cfg.init_std)
         # GPT-2: residual-path projections scaled by 1/sqrt(2 * num_layers) at init.

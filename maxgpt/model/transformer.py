@@ -6,11 +6,16 @@ Every dense member of the GPT lineage is this module with a different ModelConfi
 - GPT-2: the same with pre-norm and a final LayerNorm;
 - GPT-3: GPT-2 with dense and locally banded attention on alternating layers;
 - Llama 3 / Mistral: pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases,
-  untied embeddings; Mistral adds a sliding window.
+  untied embeddings; Mistral adds a sliding window;
+- mixture of experts (Mixtral, Switch/GShard, a GPT-4-style model): an MoE block (model/moe.py)
+  in place of the MLP, in every layer or in the last of every `moe_every` layers.
 
 Blocks are created with `nnx.vmap` (parameters get a leading `layers` axis) and applied with
-`jax.lax.scan`, so compile time does not grow with depth. Dropout keys are passed in
-explicitly and derived from (seed, step) by the caller, so a step is a pure function.
+`jax.lax.scan`, so compile time does not grow with depth. Layers alternating between dense
+and MoE are two stacks, `blocks` (the dense ones) and `moe_blocks`, scanned together in
+groups of `moe_every` layers; a model with one kind of layer keeps them all in `blocks`.
+Dropout keys are passed in explicitly and derived from (seed, step) by the caller, so a step
+is a pure function.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from flax import nnx
 from maxgpt.config import ModelConfig
 from maxgpt.model.attention import Attention, attention_mask, window_mask
 from maxgpt.model.layers import MLP, Norm, dropout, matmul, normal
+from maxgpt.model.moe import MoE
 from maxgpt.sharding import constrain, param
 
 REMAT_POLICIES = {
@@ -41,18 +47,23 @@ def lookup(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
         self.post_norm = cfg.norm_position == "post"
         self.dropout = cfg.dropout
 
-    def __call__(self, x, mask, positions, dropout_key=None, cache=None):
-        """x: (B, T, D); mask: (B, T, T) for this layer; positions: (B, T). With a kv
-        `cache` (decoding, see Attention) the result is (x, updated cache)."""
+    def __call__(self, x, mask, positions, dropout_key=None, cache=None, valid=None):
+        """x: (B, T, D); mask: (B, T, T) for this layer; positions: (B, T); valid: (B, T),
+        False for padding tokens (MoE routing skips them; default all valid).
+
+        Returns (x, stats, cache): the MoE layer's routing statistics ({} for a dense layer)
+        and, when decoding with a kv `cache` (see Attention), the updated cache, else None.
+        """
         k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        stats = {}
 
         def attend(h):
             nonlocal cache
@@ -61,14 +72,23 @@ class Block(nnx.Module):
                 out, cache = out
             return dropout(out, self.dropout, k_attn)
 
+        def feed_forward(h):
+            nonlocal stats
+            if isinstance(self.mlp, MoE):
+                ok = jnp.ones(h.shape[:2], bool) if valid is None else valid
+                out, stats = self.mlp(h, ok)
+            else:
+                out = self.mlp(h)
+            return dropout(out, self.dropout, k_mlp)
+
         if self.post_norm:  # GPT-1: x = LN(x + f(x))
             x = self.attn_norm(x + attend(x))
-            x = self.mlp_norm(x + dropout(self.mlp(x), self.dropout, k_mlp))
+            x = self.mlp_norm(x + feed_forward(x))
         else:  # GPT-2 onwards: x = x + f(LN(x))
             x = x + attend(self.attn_norm(x))
-            x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
+            x = x + feed_forward(self.mlp_norm(x))
         x = constrain(x, ("batch", "seq", "embed"))
-        return x if cache is None else (x, cache)
+        return x, stats, cache
 
 
 class Transformer(nnx.Module):
@@ -84,11 +104,24 @@ class Transformer(nnx.Module):
                                 ("position", "embed"), pdt)
                           if cfg.position == "learned" else None)
 
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs)
+        def stack(count, moe):
+            @nnx.vmap(in_axes=0, out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(rngs):
+                return Block(cfg, rngs, moe)
 
-        self.blocks = make_blocks(rngs.split(cfg.num_layers))
+            return make(rngs.split(count))
+
+        moe_layers = cfg.moe_layers()
+        if any(moe_layers) and not all(moe_layers):
+            # Groups of moe_every layers: moe_every - 1 dense ones, then an MoE one.
+            self.group = cfg.moe_every
+            self.blocks = stack(moe_layers.count(False), False)
+            self.moe_blocks = stack(moe_layers.count(True), True)
+        else:
+            self.group = 1
+            self.blocks = stack(cfg.num_layers, cfg.moe)
+            self.moe_blocks = None
         # Post-norm stacks already end in a norm; pre-norm stacks need a final one.
         self.final_norm = Norm(cfg, rngs) if cfg.norm_position == "pre" else None
         self.lm_head = (None if cfg.tie_embeddings else
@@ -101,6 +134,11 @@ class Transformer(nnx.Module):
         positions default to 0..T-1 and segment ids to one document per row; packed rows give
         per-document positions and ids (0 marks padding), and no token attends across ids.
         """
+        return self.forward(tokens, positions, segment_ids, dropout_key)[0]
+
+    def forward(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+        """As __call__, returning (logits, moe_stats): the MoE layers' routing statistics
+        (model/moe.py) averaged over those layers, {} for a dense model."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -108,8 +146,9 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, k_embed)
-        x = self._run_blocks(x, attention_mask(segment_ids), positions, k_layers)
-        return self._logits(x)
+        x, stats = self._run_blocks(x, attention_mask(segment_ids), positions, segment_ids > 0,
+                                    k_layers)
+        return self._logits(x), stats
 
     def decode(self, tokens, positions, cache):
         """The forward pass with a kv cache (generation): tokens, positions (B, T), written at
@@ -123,17 +162,18 @@ class Transformer(nnx.Module):
         distance = positions[:, :, None] - key_positions[:, None, :]  # (B, T, S)
         visible = (key_positions[:, None, :] >= 0) & (distance >= 0)
         x = self._embed(tokens, jnp.maximum(positions, 0), None)
-        graphdef, stacked = nnx.split(self.blocks)
 
-        def layer(x, per_layer):
-            state, window, k, v = per_layer
+        def layer(block, x, per_layer):
+            window, k, v = per_layer
             mask = visible & ((window <= 0) | (distance < window))
-            x, new = nnx.merge(graphdef, state)(x, mask, positions, None,
-                                                {"k": k, "v": v, "start": cache["start"]})
+            x, _, new = block(x, mask, positions, None,
+                              {"k": k, "v": v, "start": cache["start"]}, positions >= 0)
             return x, (new["k"], new["v"])
 
-        x, (k, v) = jax.lax.scan(layer, x, (stacked, jnp.asarray(self.windows, jnp.int32),
-                                            cache["k"], cache["v"]))
+        x, outputs = self._scan_layers(
+            layer, x, (jnp.asarray(self.windows, jnp.int32), cache["k"], cache["v"]))
+        # n positions of (G, ...) -> (G, n, ...) -> layers in order (L, ...)
+        k, v = (jnp.stack(a, axis=1).reshape(cache["k"].shape) for a in zip(*outputs))
         return self._logits(x), {"k": k, "v": v, "positions": key_positions,
                                  "start": cache["start"] + T}
 
@@ -155,17 +195,49 @@ class Transformer(nnx.Module):
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -1e9)
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def _run_blocks(self, x, mask, positions, dropout_key):
-        graphdef, stacked = nnx.split(self.blocks)
-        windows = jnp.asarray(self.windows, jnp.int32)  # (L,)
+    def _run_blocks(self, x, mask, positions, valid, dropout_key):
         keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.windows))
 
-        def layer(x, per_layer):
-            state, window, key = per_layer
-            block = nnx.merge(graphdef, state)
-            return block(x, window_mask(mask, window), positions, key), None
+        def layer(block, x, per_layer):
+            window, key = per_layer
+            x, stats, _ = block(x, window_mask(mask, window), positions, key, valid=valid)
+            return x, stats
 
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, (stacked, windows, keys))
-        return x
+        x, outputs = self._scan_layers(layer, x, (jnp.asarray(self.windows, jnp.int32), keys),
+                                       remat=self.remat)
+        moe = [stats for stats in outputs if stats]  # the MoE positions of a group
+        return x, jax.tree.map(lambda *v: jnp.concatenate(v).mean(), *moe) if moe else {}
+
+    def _scan_layers(self, layer, x, per_layer, remat="none"):
+        """Apply every layer in order, one `jax.lax.scan` step per group of `self.group`.
+
+        `layer(block, x, inputs) -> (x, outputs)`; `per_layer`: a pytree of (L, ...) inputs.
+        Returns x and, for each position i in a group, the outputs of layers i, n + i, ...
+        stacked: a list of n pytrees of (L / n, ...) arrays.
+        """
+        L, n = len(self.windows), self.group
+        G = L // n
+        stacks = [nnx.split(self.blocks)]
+        plan = [(0, j) for j in range(n if self.moe_blocks is None else n - 1)]
+        if self.moe_blocks is not None:
+            stacks.append(nnx.split(self.moe_blocks))
+            plan.append((1, 0))
+
+        def grouped(tree, m):  # (G * m, ...) -> (G, m, ...)
+            return jax.tree.map(lambda a: a.reshape(G, m, *a.shape[1:]), tree)
+
+        states = [grouped(state, sum(1 for p in plan if p[0] == s))
+                  for s, (_, state) in enumerate(stacks)]
+
+        def group(x, xs):
+            group_states, inputs = xs
+            outputs = []
+            for i, (s, j) in enumerate(plan):
+                block = nnx.merge(stacks[s][0], jax.tree.map(lambda a: a[j], group_states[s]))
+                x, out = layer(block, x, jax.tree.map(lambda a: a[i], inputs))
+                outputs.append(out)
+            return x, outputs
+
+        if remat != "none":
+            group = jax.checkpoint(group, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        return jax.lax.scan(group, x, (states, grouped(per_layer, n)))
