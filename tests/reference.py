@@ -7,6 +7,7 @@ as a pure dict (nnx.to_pure_dict) and are read by name.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -96,18 +97,66 @@ def mlp(p, x, cfg):
     return lin("down", h)
 
 
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def moe(p, x, cfg, valid=None, capacity=None):
+    """Mixture of experts, one token at a time (Shazeer et al. 2017; Fedus et al. 2021).
+
+    Each valid token's router logits pick k experts: Mixtral's top-k then softmax, or
+    Switch's softmax then top-k. With a `capacity`, each expert serves at most that many
+    assignments per row, all first choices of the row before any second choice, in token
+    order; the rest are dropped. Returns (y, dropped assignments)."""
+    B, T, D = x.shape
+    E, k = cfg.num_experts, cfg.experts_per_token
+    valid = np.ones((B, T), bool) if valid is None else valid
+    y = np.zeros_like(x)
+    dropped = 0
+    for b in range(B):
+        served = [0] * E
+        chosen = {}
+        for t in range(T):
+            if valid[b, t]:
+                logits = x[b, t] @ f64(p["router"])
+                top = list(np.argsort(-logits, kind="stable")[:k])
+                w = (softmax(logits[top]) if cfg.moe_routing == "topk_softmax"
+                     else softmax(logits)[top])
+                chosen[t] = list(zip(top, w))
+        for slot in range(k):
+            for t in range(T):
+                if t not in chosen:
+                    continue
+                e, w = chosen[t][slot]
+                served[e] += 1
+                if capacity is not None and served[e] > capacity:
+                    dropped += 1
+                    continue
+                expert = {f"{name}_proj": f64(p[f"{name}_proj"])[e]
+                          for name in ("up", "gate", "down") if f"{name}_proj" in p}
+                bias_free = SimpleNamespace(mlp=cfg.mlp, use_bias=False)  # experts have none
+                y[b, t] += w * mlp(expert, x[b, t], bias_free)
+    if "shared" in p:
+        y = y + mlp(p["shared"], x, cfg)
+    return y, dropped
+
+
 def norm(p, x, cfg):
     if cfg.norm == "rmsnorm":
         return rmsnorm(x, f64(p["scale"]), cfg.norm_eps)
     return layernorm(x, f64(p["scale"]), f64(p["bias"]) if "bias" in p else None, cfg.norm_eps)
 
 
-def block(p, x, mask, positions, cfg):
+def block(p, x, mask, positions, cfg, valid=None):
+    def ffn(h):
+        return moe(p["mlp"], h, cfg, valid)[0] if "router" in p["mlp"] else mlp(p["mlp"], h, cfg)
+
     if cfg.norm_position == "post":
         x = norm(p["attn_norm"], x + attention(p["attn"], x, mask, positions, cfg), cfg)
-        return norm(p["mlp_norm"], x + mlp(p["mlp"], x, cfg), cfg)
+        return norm(p["mlp_norm"], x + ffn(x), cfg)
     x = x + attention(p["attn"], norm(p["attn_norm"], x, cfg), mask, positions, cfg)
-    return x + mlp(p["mlp"], norm(p["mlp_norm"], x, cfg), cfg)
+    return x + ffn(norm(p["mlp_norm"], x, cfg))
 
 
 def forward(params, tokens, cfg, positions=None, segment_ids=None):
@@ -119,9 +168,15 @@ def forward(params, tokens, cfg, positions=None, segment_ids=None):
     if cfg.position == "learned":
         x = x + f64(params["pos_embed"])[positions]
     windows = cfg.layer_windows()
+    dense = moe_layers = 0
     for i in range(cfg.num_layers):
-        layer = _index(params["blocks"], i)
-        x = block(layer, x, explicit_mask(segment_ids, windows[i]), positions, cfg)
+        # with moe_every = n > 1, layers n-1, 2n-1, ... are MoE and live in "moe_blocks"
+        if "moe_blocks" in params and i % cfg.moe_every == cfg.moe_every - 1:
+            layer, moe_layers = _index(params["moe_blocks"], moe_layers), moe_layers + 1
+        else:
+            layer, dense = _index(params["blocks"], dense), dense + 1
+        x = block(layer, x, explicit_mask(segment_ids, windows[i]), positions, cfg,
+                  segment_ids > 0)
     if cfg.norm_position == "pre":
         x = norm(params["final_norm"], x, cfg)
     head = f64(params["embed"]).T if cfg.tie_embeddings else f64(params["lm_head"])

@@ -67,6 +67,12 @@ def test_every_key_is_overridable():
     (["train.seq_len=4096"], "exceeds model.max_seq_len"),
     (["train.microbatches=3"], "train.microbatches=3 must divide train.batch_size=8"),
     (["steps=3"], "must look like section.key=value"),
+    (["model.num_experts=4", "model.experts_per_token=5"],
+     "model.experts_per_token must be between 1 and model.num_experts=4, got 5"),
+    (["model.num_experts=4", "model.moe_every=3"],
+     "model.moe_every=3 must be >= 1 and divide model.num_layers=2"),
+    (["model.num_experts=4", "model.capacity_factor=0"], "model.capacity_factor must be > 0"),
+    (["model.num_experts=6", "mesh.expert=4"], "mesh.expert=4 must divide model.num_experts=6"),
 ])
 def test_bad_config_messages(override, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace(".", r"\.")):
@@ -78,13 +84,15 @@ def test_bad_config_messages(override, message):
     (["params", "--config", "configs/models/tiny.yaml", "train.step=1"],
      "did you mean 'train.steps'"),
     (["train", "--config", "configs/models/tiny.yaml", "mesh.data=3"],
-     "mesh data=3xfsdp=1xtensor=1 has 3 devices but 8 are available"),
+     "mesh data=3xfsdp=1xexpert=1xtensor=1 has 3 devices but 8 are available"),
     (["train", "--config", "configs/models/tiny.yaml", "mesh.fsdp=3"],
      "3 does not divide 8"),
     (["train", "--config", "configs/models/tiny.yaml", "mesh.data=8", "train.batch_size=4"],
      "does not divide over 8 data shards"),
     (["train", "--config", "configs/models/tiny.yaml", "mesh.data=-1", "mesh.fsdp=-1"],
      "at most one mesh axis may be -1"),
+    (["train", "--config", "configs/models/tiny-moe.yaml", "mesh.data=1", "mesh.expert=-1"],
+     "the expert axis has 8 devices, which does not divide model.num_experts=4"),
     (["trian"], "invalid choice: 'trian'"),
 ])
 def test_cli_errors_are_one_line_exit_2(argv, message, capsys, monkeypatch, tmp_path):

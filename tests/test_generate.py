@@ -16,6 +16,7 @@ VARIANTS = {
     "llama-gqa-window": ("tiny", "model.attention_window=5"),  # sliding window < prompt + new
     "gpt2-learned": ("tiny-gpt2",),
     "gpt3-banded": ("tiny-gpt2", "model.attention_window=4", "model.window_pattern=alternate"),
+    "moe-alternating": ("tiny-moe", "model.num_layers=4", "model.moe_every=2"),
 }
 PROMPTS = [[2, 17, 33, 4, 90, 12, 7], [2, 5], [2, 61, 61, 8]]  # different lengths: left padding
 
@@ -72,11 +73,16 @@ def test_sampling_is_reproducible_for_a_seed():
     assert draw(5, top_p=1e-6) == draw(6, top_p=1e-6)  # a tiny nucleus: the argmax only
 
 
-def test_generation_runs_on_a_sharded_mesh():
-    """Parameters in their fsdp x tensor shards, the cache sharded like the activations."""
+@pytest.mark.parametrize("preset, mesh", [
+    ("tiny", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")),
+    # 4 rows cannot split 8 ways: each expert-axis pair holds the same rows
+    ("tiny-moe", ("mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")),
+])
+def test_generation_runs_on_a_sharded_mesh(preset, mesh):
+    """Parameters in their shards, the cache sharded like the activations."""
     from maxgpt import sharding, train
 
-    cfg = make_config("tiny", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    cfg = make_config(preset, *mesh)
     trainer = train.build_trainer(cfg, sharding.make_mesh(cfg.mesh))
     state = train.init_state(trainer)
     prompts = PROMPTS + [[2, 3]]  # 4 rows: the batch divides over data x fsdp
