@@ -1,18 +1,22 @@
 """Hugging Face layout: maxgpt parameters <-> `transformers` state dicts and config.json.
 
-Four families map exactly (same arithmetic, so the logits agree to float rounding):
+Five families map exactly (same arithmetic, so the logits agree to float rounding):
 
 - `openai-gpt`: post-norm LayerNorm, learned positions, tanh GELU, biases, tied embeddings
   (`transformer.h.{i}.attn.c_attn`, a Conv1D of (in, out); ln_1 after attention);
 - `gpt2`: the same with pre-norm and a final LayerNorm (`transformer.ln_f`);
 - `llama`: pre-norm RMSNorm, RoPE, SwiGLU, no biases, full attention
   (`model.layers.{i}.self_attn.q_proj`, weights stored (out, in));
-- `mistral`: llama with a sliding window on every layer (`sliding_window`).
+- `mistral`: llama with a sliding window on every layer (`sliding_window`);
+- `mixtral`: mistral (window or none) with a mixture of experts in every layer: top-k of the
+  router logits, a softmax over those k, every assignment computed (`block_sparse_moe.gate`,
+  `block_sparse_moe.experts.{j}.w1|w3|w2`: gate, up, down, each (out, in)).
 
-Anything else (GPT-3's alternating banded layers, mixed choices such as RoPE with GELU) has no
-Hugging Face class that computes the same function, and is refused rather than exported
-approximately. Vocabulary padding rows (see ModelConfig.padded_vocab_size) are dropped on
-export and zero-filled on import.
+Anything else (GPT-3's alternating banded layers, mixed choices such as RoPE with GELU, MoE
+layers with shared experts, Switch routing or capacity drops) has no Hugging Face class that
+computes the same function, and is refused rather than exported approximately. Vocabulary
+padding rows (see ModelConfig.padded_vocab_size) are dropped on export and zero-filled on
+import.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def family(m: ModelConfig) -> str:
            and m.use_bias and m.tie_embeddings and m.num_kv_heads == m.num_heads)
     llama = (m.norm == "rmsnorm" and m.position == "rope" and m.mlp == "swiglu"
              and not m.use_bias and m.norm_position == "pre")
+    if m.moe:
+        return _mixtral(m, llama)
     if gpt and m.attention_window == 0:
         if m.norm_position == "post":
             if m.mlp_dim != 4 * m.embed_dim:
@@ -51,6 +57,28 @@ def family(m: ModelConfig) -> str:
         "approximately")
 
 
+def _mixtral(m: ModelConfig, llama: bool) -> str:
+    """"mixtral" for an MoE model that Hugging Face's Mixtral computes exactly, else why not."""
+    why = [(not llama, "mixtral, the Hugging Face MoE, is llama-like (rmsnorm/pre, rope, "
+                       f"swiglu, no bias), this model has norm {m.norm}/{m.norm_position}, "
+                       f"positions {m.position}, mlp {m.mlp}, bias {m.use_bias}"),
+           (m.moe_every != 1, "mixtral has experts in every layer, model.moe_every="
+                              f"{m.moe_every} alternates dense and MoE layers"),
+           (m.num_shared_experts > 0, "mixtral has no shared experts (model.num_shared_experts="
+                                      f"{m.num_shared_experts})"),
+           (m.moe_routing != "topk_softmax", "mixtral renormalises the top-k weights to sum to 1 "
+                                             f"(model.moe_routing={m.moe_routing})"),
+           (m.moe_dispatch != "dropless", "mixtral drops no tokens (model.moe_dispatch="
+                                          f"{m.moe_dispatch})"),
+           (m.attention_window > 0 and m.window_pattern != "all",
+            f"mixtral's sliding window is on every layer, not {m.window_pattern} ones")]
+    for refused, reason in why:
+        if refused:
+            raise ConfigError(f"{reason}: no Hugging Face architecture computes {m.name} "
+                              "exactly; refusing to export it approximately")
+    return "mixtral"
+
+
 def hf_config(m: ModelConfig) -> dict[str, Any]:
     kind = family(m)
     common = {"model_type": kind, "vocab_size": m.vocab_size, "bos_token_id": BOS_ID,
@@ -64,8 +92,7 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
             return {**cfg, "architectures": ["GPT2LMHeadModel"], "n_inner": m.mlp_dim,
                     "activation_function": "gelu_new", "n_ctx": m.max_seq_len}
         return {**cfg, "architectures": ["OpenAIGPTLMHeadModel"], "afn": "gelu"}  # tanh GELU
-    cfg = {**common, "architectures": ["LlamaForCausalLM" if kind == "llama" else
-                                       "MistralForCausalLM"],
+    cfg = {**common, "architectures": [f"{kind.capitalize()}ForCausalLM"],
            "hidden_size": m.embed_dim, "intermediate_size": m.mlp_dim,
            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
            "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
@@ -75,7 +102,15 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0}
     if kind == "mistral":
         cfg["sliding_window"] = m.attention_window
+    if kind == "mixtral":  # no biases to switch off; the router's aux loss is left at default
+        del cfg["attention_bias"], cfg["mlp_bias"]
+        cfg.update(sliding_window=m.attention_window or None, num_local_experts=m.num_experts,
+                   num_experts_per_tok=m.experts_per_token, output_router_logits=False,
+                   router_jitter_noise=0.0)
     return cfg
+
+
+MIXTRAL_EXPERTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # hub name: ours
 
 
 def _gpt_names(kind: str) -> tuple[str, str]:
@@ -118,8 +153,14 @@ def to_hf(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
         for n in ("q_proj", "k_proj", "v_proj"):  # (D, heads, H) -> (heads * H, D)
             out[h + f"self_attn.{n}.weight"] = a[n][i].reshape(D, -1).T
         out[h + "self_attn.o_proj.weight"] = a["o_proj"][i].reshape(-1, D).T
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            out[h + f"mlp.{n}.weight"] = mlp[n][i].T
+        if kind == "mixtral":  # the hub layout: one (out, in) Linear per expert and matrix
+            out[h + "block_sparse_moe.gate.weight"] = mlp["router"][i].T  # (E, D)
+            for j in range(m.num_experts):
+                for w, n in MIXTRAL_EXPERTS.items():
+                    out[h + f"block_sparse_moe.experts.{j}.{w}.weight"] = mlp[n][i, j].T
+        else:
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                out[h + f"mlp.{n}.weight"] = mlp[n][i].T
         out[h + "input_layernorm.weight"] = an["scale"][i]
         out[h + "post_attention_layernorm.weight"] = mn["scale"][i]
     out["model.norm.weight"] = p["final_norm"]["scale"]
@@ -227,31 +268,36 @@ def model_overrides(hf: dict[str, Any]) -> dict[str, Any]:
                 "norm": "layernorm", "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
                 "norm_position": "pre" if kind == "gpt2" else "post", "position": "learned",
                 "mlp": "gelu", "use_bias": True, "tie_embeddings": True, "attention_window": 0}
-    if kind in ("llama", "mistral"):
+    if kind in ("llama", "mistral", "mixtral"):
         rope = hf.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
             raise ConfigError(f"{kind} with rope scaling ({rope or hf.get('rope_scaling')}) is "
                               "not supported")
         heads, D = hf["num_attention_heads"], hf["hidden_size"]
-        if hf.get("head_dim", D // heads) != D // heads:
+        if (hf.get("head_dim") or D // heads) != D // heads:  # save_pretrained writes None
             raise ConfigError(f"head_dim {hf['head_dim']} != hidden_size / heads: not supported")
         if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get(
                 "mlp_bias"):
             raise ConfigError(f"this {kind} variant (activation, biases) is not supported")
-        window = (hf.get("sliding_window") or 0) if kind == "mistral" else 0
+        window = (hf.get("sliding_window") or 0) if kind != "llama" else 0
+        theta, eps = (1e6, 1e-5) if kind == "mixtral" else (10000.0, 1e-6)  # their defaults
+        moe = ({"num_experts": hf.get("num_local_experts", 8),
+                "experts_per_token": hf.get("num_experts_per_tok", 2), "moe_every": 1,
+                "moe_routing": "topk_softmax", "moe_dispatch": "dropless",
+                "num_shared_experts": 0} if kind == "mixtral" else {})
         return {"name": f"hf-{kind}", "vocab_size": hf["vocab_size"],
                 "max_seq_len": hf.get("max_position_embeddings", 2048),
                 "num_layers": hf["num_hidden_layers"], "embed_dim": D, "num_heads": heads,
                 "num_kv_heads": hf.get("num_key_value_heads") or heads,
                 "mlp_dim": hf["intermediate_size"], "norm": "rmsnorm",
-                "norm_eps": hf.get("rms_norm_eps", 1e-6), "norm_position": "pre",
+                "norm_eps": hf.get("rms_norm_eps", eps), "norm_position": "pre",
                 "position": "rope",
-                "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                "rope_theta": rope.get("rope_theta", hf.get("rope_theta", theta)),
                 "mlp": "swiglu", "use_bias": False,
                 "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-                "attention_window": window, "window_pattern": "all"}
-    raise ConfigError(f"unknown model_type {kind!r}: maxgpt imports openai-gpt, gpt2, llama "
-                      "and mistral")
+                "attention_window": window, "window_pattern": "all", **moe}
+    raise ConfigError(f"unknown model_type {kind!r}: maxgpt imports openai-gpt, gpt2, llama, "
+                      "mistral and mixtral")
 
 
 def from_hf(m: ModelConfig, state: dict[str, np.ndarray]) -> dict:
@@ -302,8 +348,13 @@ def from_hf(m: ModelConfig, state: dict[str, np.ndarray]) -> dict:
     attn = {n: stack(lambda h, n=n: get(h + f"self_attn.{n}.weight").T.reshape(D, heads[n], H))
             for n in heads}
     attn["o_proj"] = stack(lambda h: get(h + "self_attn.o_proj.weight").T.reshape(N, H, D))
-    mlp = {n: stack(lambda h, n=n: get(h + f"mlp.{n}.weight").T)
-           for n in ("gate_proj", "up_proj", "down_proj")}
+    if kind == "mixtral":
+        experts = [_mixtral_experts(get, state, f"model.layers.{i}.", m.num_experts)
+                   for i in range(L)]
+        mlp = {n: np.stack([e[n] for e in experts]) for n in experts[0]}
+    else:
+        mlp = {n: stack(lambda h, n=n: get(h + f"mlp.{n}.weight").T)
+               for n in ("gate_proj", "up_proj", "down_proj")}
     params["blocks"] = {
         "attn": attn, "mlp": mlp,
         "attn_norm": {"scale": stack(lambda h: get(h + "input_layernorm.weight"))},
@@ -312,6 +363,21 @@ def from_hf(m: ModelConfig, state: dict[str, np.ndarray]) -> dict:
     if not m.tie_embeddings:
         params["lm_head"] = np.pad(get("lm_head.weight").T, ((0, 0), (0, pad)))
     return params
+
+
+def _mixtral_experts(get, state, h: str, E: int) -> dict[str, np.ndarray]:
+    """One Mixtral layer's router (D, E) and experts (E, D, F), (E, F, D), from the hub layout
+    (what we and `save_pretrained` write) or transformers' fused in-memory one (what
+    `save_pretrained(save_original_format=False)` writes)."""
+    if h + "mlp.experts.gate_up_proj" in state:  # (E, 2F, D) gate then up; down (E, D, F)
+        gate, up = np.split(get(h + "mlp.experts.gate_up_proj"), 2, axis=1)
+        return {"router": get(h + "mlp.gate.weight").T, "gate_proj": gate.transpose(0, 2, 1),
+                "up_proj": up.transpose(0, 2, 1),
+                "down_proj": get(h + "mlp.experts.down_proj").transpose(0, 2, 1)}
+    moe = h + "block_sparse_moe."
+    return {"router": get(moe + "gate.weight").T, **{
+        n: np.stack([get(moe + f"experts.{j}.{w}.weight").T for j in range(E)])
+        for w, n in MIXTRAL_EXPERTS.items()}}
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:

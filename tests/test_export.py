@@ -23,6 +23,8 @@ FAMILIES = {
     "llama": ("tiny", "model.vocab_size=300", "model.rope_theta=500000"),  # GQA 4:2, untied
     "mistral": ("tiny", "model.vocab_size=300", "model.attention_window=6",
                 "model.tie_embeddings=true"),
+    "mixtral": ("tiny", "model.vocab_size=300", "model.num_experts=4",
+                "model.experts_per_token=2"),  # every layer MoE, no window
 }
 
 
@@ -98,6 +100,54 @@ def test_banded_gpt3_is_refused():
                       "model.window_pattern=alternate").model
     with pytest.raises(ConfigError, match="refusing to export it approximately"):
         family(cfg)
+
+
+def test_mixtral_routing_matters_and_what_transformers_saves_imports(tmp_path):
+    """transformers 5 fuses Mixtral's experts in memory (experts.gate_up_proj (E, 2F, D)) and
+    save_pretrained writes the hub layout back, or the fused one with save_original_format=
+    False: both import to the parameters exported. With a window; tokens spread over experts."""
+    from maxgpt.export import from_hf, model_overrides, read_folder
+
+    cfg = make_config(*FAMILIES["mixtral"], "model.attention_window=6").model
+    model, params = randomized(Transformer(cfg, nnx.Rngs(3)), std=0.1)
+    export(cfg, params, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                           dtype=torch.float32).eval()
+    assert hf.config.sliding_window == 6 and hf.config.num_local_experts == 4
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens), output_router_logits=True)
+    for logits in theirs.router_logits:  # one (tokens, E) per layer
+        pairs = {tuple(sorted(r)) for r in torch.topk(logits, 2).indices.tolist()}
+        assert len(pairs) >= 4, pairs  # routing decides, not one fixed pair of experts
+    ours = np.asarray(model(jnp.asarray(tokens)))[..., :cfg.vocab_size]
+    np.testing.assert_allclose(theirs.logits.numpy(), ours, atol=1e-4, rtol=1e-4)
+    for layout, fused in (("hub", False), ("fused", True)):
+        hf.save_pretrained(tmp_path / layout, save_original_format=not fused)
+        config, state = read_folder(tmp_path / layout)
+        assert any(k.endswith("experts.gate_up_proj") for k in state) == fused, layout
+        values = model_overrides(config)
+        assert {k: getattr(cfg, k) for k in values if k != "name"} == {
+            k: v for k, v in values.items() if k != "name"}
+        again, original = to_hf(cfg, from_hf(cfg, state)), to_hf(cfg, params)
+        assert again.keys() == original.keys()
+        for name in original:
+            np.testing.assert_array_equal(again[name], original[name], err_msg=name)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (FAMILIES["mixtral"] + ("model.moe_every=2",), "moe_every=2 alternates dense and MoE"),
+    (FAMILIES["mixtral"] + ("model.num_shared_experts=1",), "no shared experts"),
+    (FAMILIES["mixtral"] + ("model.moe_routing=softmax_topk",), "renormalises the top-k"),
+    (FAMILIES["mixtral"] + ("model.moe_dispatch=capacity",), "drops no tokens"),
+    (FAMILIES["mixtral"] + ("model.attention_window=4", "model.window_pattern=alternate"),
+     "not alternate ones"),
+    (FAMILIES["gpt2"] + ("model.num_experts=4",), "the Hugging Face MoE, is llama-like"),
+])
+def test_moe_that_mixtral_does_not_compute_is_refused(overrides, reason):
+    with pytest.raises(ConfigError, match=f"{reason}.*refusing to export it approximately"):
+        family(make_config(*overrides).model)
+    assert family(make_config(*FAMILIES["llama"], "model.moe_every=2").model) == "llama"
 
 
 def test_export_command_folder_works_with_transformers(tmp_path, capsys):
