@@ -29,8 +29,9 @@ from maxgpt.flops import flops_per_token, measured_matmul_peak
 from maxgpt.train import build_trainer, count_params, init_state
 
 
-def time_steps(cfg, steps: int) -> list[tuple[float, float]]:
-    """[(peak FLOP/s measured just before, step seconds) for each timed step]."""
+def step_timer(cfg):
+    """Compile cfg's train step for one device, warm it up with 2 untimed steps, and return
+    a function that runs one more step to completion and returns its seconds."""
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     trainer = build_trainer(cfg, mesh)
     source = SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len, 0)
@@ -41,13 +42,25 @@ def time_steps(cfg, steps: int) -> list[tuple[float, float]]:
         for batch in batches[:2]:  # warm-up
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
-        pairs = []
-        for _ in range(steps):
-            peak = measured_matmul_peak.__wrapped__(repeats=5)  # uncached: measure anew
+
+    def one_step() -> float:
+        nonlocal state
+        with jax.set_mesh(mesh):
             start = time.perf_counter()
             state, metrics = compiled(state, batches[2])
             jax.block_until_ready((state, metrics))
-            pairs.append((peak, time.perf_counter() - start))
+            return time.perf_counter() - start
+
+    return one_step
+
+
+def time_steps(cfg, steps: int) -> list[tuple[float, float]]:
+    """[(peak FLOP/s measured just before, step seconds) for each timed step]."""
+    one_step = step_timer(cfg)
+    pairs = []
+    for _ in range(steps):
+        peak = measured_matmul_peak.__wrapped__(repeats=5)  # uncached: measure anew
+        pairs.append((peak, one_step()))
     return pairs
 
 

@@ -17,7 +17,7 @@ from maxgpt import train
 from maxgpt.config import load_config
 from maxgpt.flops import matmul_params_per_token
 from maxgpt.model import Transformer
-from maxgpt.model.moe import MoE, capacity, routing_stats
+from maxgpt.model.moe import MoE, capacity, grouped_matmul, routing_stats
 from tests import reference as ref
 from tests.conftest import REPO, make_config
 from tests.test_model import close, packed_batch, randomized
@@ -213,3 +213,28 @@ def test_flops_count_the_active_experts_only():
     expected = (attention + experts * m.experts_per_token // m.num_experts + shared
                 + blocks["mlp"]["router"].size + pure["lm_head"].size)
     assert matmul_params_per_token(m) == expected
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_grouped_matmul_equals_a_loop_over_groups(tiled):
+    rng = np.random.default_rng(0)
+    sizes = np.array([5, 0, 9, 3])  # an empty group; 3 unused rows at the end
+    x = rng.normal(size=(20, 6)).astype(np.float32)
+    w = rng.normal(size=(4, 6, 7)).astype(np.float32)
+    expected = np.zeros((20, 7))
+    start = 0
+    for e, n in enumerate(sizes):
+        expected[start:start + n] = ref.f64(x[start:start + n]) @ ref.f64(w[e])
+        start += n
+    got = grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32), tiled)
+    close(got, expected, 1e-5)
+    # and its gradients equal those of the same loop written in jax
+    def loop(x, w):
+        return jnp.concatenate([x[a:a + n] @ w[e] for e, (a, n) in
+                                enumerate(zip(np.cumsum(sizes) - sizes, sizes))])
+
+    r = rng.normal(size=(17, 7)).astype(np.float32)
+    ours = jax.grad(lambda x, w: (grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), tiled)[
+        :17] * r).sum(), (0, 1))(jnp.asarray(x), jnp.asarray(w))
+    want = jax.grad(lambda x, w: (loop(x, w) * r).sum(), (0, 1))(jnp.asarray(x), jnp.asarray(w))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, want)
