@@ -30,11 +30,20 @@ def format_row(row: dict[str, Any], total_steps: int) -> str:
         return (f"eval {row['step']}/{total_steps} | loss {row['eval_loss']:.4f} | "
                 f"ppl {row['eval_ppl']:.2f} | {row['eval_bpb']:.4f} bits/byte | "
                 f"{row['eval_tokens']:,} tokens")
-    parts = [f"step {row['step']}/{total_steps}", f"loss {row['loss']:.4f}",
-             f"lr {row['lr']:.2e}", f"gnorm {row['grad_norm']:.3f}",
+    def num(key, spec):  # non-finite values are logged as null
+        return "nan" if row[key] is None else format(row[key], spec)
+
+    parts = [f"step {row['step']}/{total_steps}", f"loss {num('loss', '.4f')}",
+             f"lr {row['lr']:.2e}", f"gnorm {num('grad_norm', '.3f')}",
              f"{row['tokens_per_sec']:,.0f} tok/s", f"{row['step_time_s']:.3f} s/step"]
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    if row.get("skipped_steps"):
+        parts.append(f"skipped {row['skipped_steps']}")
+    if "moe_balance_loss" in row:
+        dropped = 100 * (row["moe_dropped"] or 0)
+        parts.append(f"moe balance {num('moe_balance_loss', '.3f')} load "
+                     f"{num('moe_load_max_mean', '.2f')} dropped {dropped:.1f}%")
     return " | ".join(parts)
 
 

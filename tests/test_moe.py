@@ -16,6 +16,7 @@ from flax import nnx
 from maxgpt import train
 from maxgpt.config import load_config
 from maxgpt.flops import matmul_params_per_token
+from maxgpt.metrics import format_row
 from maxgpt.model import Transformer
 from maxgpt.model.moe import MoE, capacity, grouped_matmul, routing_stats
 from tests import reference as ref
@@ -238,3 +239,29 @@ def test_grouped_matmul_equals_a_loop_over_groups(tiled):
         :17] * r).sum(), (0, 1))(jnp.asarray(x), jnp.asarray(w))
     want = jax.grad(lambda x, w: (loop(x, w) * r).sum(), (0, 1))(jnp.asarray(x), jnp.asarray(w))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, want)
+
+
+def test_moe_checkpoint_resumes_on_another_expert_mesh(tmp_path):
+    """Alternating dense/MoE layers (two parameter stacks), saved on expert=8 after 3 steps,
+    resumed on expert=2 x data=4: steps 4-6 as in the uninterrupted expert=8 run."""
+    def cfg(steps, *mesh):
+        return make_config("tiny-moe", *BASE, "model.num_layers=4", "model.moe_every=2",
+                           f"train.steps={steps}", "checkpoint.every=3", "optim.decay=constant",
+                           *mesh)
+
+    _, straight = train.run(cfg(6, "mesh.expert=8", "mesh.data=1"), tmp_path / "a", echo=False)
+    train.run(cfg(3, "mesh.expert=8", "mesh.data=1"), tmp_path / "b", echo=False)
+    _, resumed = train.run(cfg(6, "mesh.expert=2", "mesh.data=4"), tmp_path / "b", echo=False)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for key in ("loss", "moe_balance_loss", "moe_load_max_mean"):
+        np.testing.assert_allclose([r[key] for r in resumed], [r[key] for r in straight[3:]],
+                                   rtol=2e-5, err_msg=key)
+
+
+def test_console_row_shows_routing_and_survives_a_non_finite_step():
+    row = {"step": 3, "loss": None, "lr": 1e-3, "grad_norm": None, "tokens_per_sec": 100.0,
+           "step_time_s": 0.5, "mfu": None, "skipped_steps": 1, "moe_balance_loss": 1.25,
+           "moe_z_loss": 2.0, "moe_dropped": 0.125, "moe_load_max_mean": 1.5}
+    assert format_row(row, 10) == ("step 3/10 | loss nan | lr 1.00e-03 | gnorm nan | 100 tok/s | "
+                                   "0.500 s/step | skipped 1 | moe balance 1.250 load 1.50 "
+                                   "dropped 12.5%")
