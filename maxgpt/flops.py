@@ -21,20 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from maxgpt.chips import chip_for_device_kind
 from maxgpt.config import ModelConfig
-
-# Dense bf16 peak FLOP/s per chip from the vendors' spec sheets (no 2:4 sparsity).
-PEAK_BF16_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "H200": 989e12,
-    "H100": 989e12,  # SXM
-    "A100": 312e12,
-}
-
 
 def mean_visible_keys(seq_len: int, window: int) -> float:
     """Average number of keys a causal query attends to (window 0: unlimited)."""
@@ -57,9 +45,14 @@ def matmul_params_per_token(m: ModelConfig) -> int:
             + m.embed_dim * m.padded_vocab_size)  # + logits
 
 
-def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) under the convention above."""
-    attention = sum(4 * m.num_heads * m.head_dim * mean_visible_keys(seq_len, w)
+def flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward) under the convention above.
+
+    causal=False counts every query against all seq_len keys, masked or not: what a dense
+    masked attention (XLA's, on CPU) actually computes; used to check against XLA's count.
+    """
+    attention = sum(4 * m.num_heads * m.head_dim
+                    * (mean_visible_keys(seq_len, w) if causal else seq_len)
                     for w in m.layer_windows())
     return 3 * (2 * matmul_params_per_token(m) + attention)
 
@@ -90,7 +83,7 @@ def peak_flops(devices=None) -> tuple[float | None, str]:
     if devices[0].platform == "cpu":
         # Simulated CPU devices share the host's cores: the host's peak is the whole budget.
         return measured_matmul_peak(), "measured fp32 matmul peak of this host"
-    for name, peak in PEAK_BF16_FLOPS.items():
-        if name in kind:
-            return peak * len(devices), f"{name} bf16 spec-sheet peak x {len(devices)}"
-    return None, f"no peak known for {kind!r}; mfu is null"
+    chip = chip_for_device_kind(kind)
+    if chip is None:
+        return None, f"no peak known for {kind!r}; mfu is null"
+    return chip.peak_bf16 * len(devices), f"{chip.name} bf16 spec-sheet peak x {len(devices)}"

@@ -38,7 +38,10 @@ def test_params_cli_json():
                           "configs/models/llama3-8b.yaml"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     counts = json.loads(out)
-    assert counts == {"total": 8030261248, "active": 8030261248, "vocab_padding": 0}
+    assert counts == {"total": 8030261248, "active": 8030261248, "vocab_padding": 0,
+                      "flops_per_token": flops_per_token(load_config(
+                          f"{REPO}/configs/models/llama3-8b.yaml").model, 8192),
+                      "seq_len": 8192}
 
 
 def test_vocabulary_padding_is_excluded_from_counts_but_allocated():
@@ -77,3 +80,32 @@ def test_flops_per_token_gpt3_175b():
     band_keys = (256 * 257 / 2 + (T - 256) * 256) / T  # banded layers: at most 256 keys
     expected = 6 * N + 48 * 12 * D * dense_keys + 48 * 12 * D * band_keys
     assert flops_per_token(m, T) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("tiny", ()),  # GQA, SwiGLU, untied
+    ("tiny", ("model.num_kv_heads=1", "model.num_layers=4")),  # MQA, deeper
+    ("tiny-gpt2", ("model.attention_window=32", "model.window_pattern=alternate")),
+    # capacity factor 1: the experts compute exactly k rows per token, as counted
+    ("tiny-moe", ("model.moe_dispatch=capacity", "model.capacity_factor=1.0",
+                  "model.mlp_dim=512")),
+])
+def test_flops_per_token_equals_xla_cost_analysis(preset, extra, monkeypatch):
+    """XLA's count of the compiled train step (layer loop unrolled: XLA counts a loop body
+    once). XLA computes every query-key product of the masked attention, so the formula
+    counts all keys here (causal=False); XLA also counts the elementwise work, softmax and
+    optimizer that the convention leaves out: a few percent more."""
+    from maxgpt import sharding, train
+    from maxgpt.model import transformer
+
+    monkeypatch.setattr(transformer, "UNROLL_LAYERS", True)
+    cfg = make_config(preset, "model.embed_dim=256", "model.num_heads=4", "model.mlp_dim=1024",
+                      "model.vocab_size=512", "train.batch_size=4", "train.seq_len=128",
+                      "mesh.data=1", *extra)
+    trainer = train.build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    with jax.set_mesh(trainer.mesh):
+        compiled = trainer.step_fn.lower(train.abstract_state(trainer),
+                                         train._abstract_batch(trainer)).compile()
+    xla = compiled.cost_analysis()["flops"]
+    ours = flops_per_token(cfg.model, 128, causal=False) * 4 * 128
+    assert 1.0 <= xla / ours <= 1.04, xla / ours

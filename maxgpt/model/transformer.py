@@ -30,6 +30,10 @@ from maxgpt.model.layers import MLP, Norm, dropout, matmul, normal
 from maxgpt.model.moe import MoE
 from maxgpt.sharding import constrain, param
 
+# jax.lax.scan's `unroll` for the layer loop. XLA's cost analysis counts a loop body once,
+# so tests that compare FLOP formulas with XLA's count set this to True (no loop at all).
+UNROLL_LAYERS: int | bool = 1
+
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
@@ -240,4 +244,4 @@ class Transformer(nnx.Module):
 
         if remat != "none":
             group = jax.checkpoint(group, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        return jax.lax.scan(group, x, (states, grouped(per_layer, n)))
+        return jax.lax.scan(group, x, (states, grouped(per_layer, n)), unroll=UNROLL_LAYERS)
