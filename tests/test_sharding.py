@@ -29,7 +29,9 @@ def test_rules_use_each_mesh_axis_once_and_only_where_it_divides():
 
 def test_minus_one_takes_the_rest_and_bad_products_are_errors():
     assert dict(mesh_of("mesh.data=-1", "mesh.tensor=2").shape) == {
-        "data": 4, "fsdp": 1, "tensor": 2}
+        "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert dict(mesh_of("mesh.data=2", "mesh.expert=-1").shape) == {
+        "data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     with pytest.raises(ConfigError, match="has 4 devices but 8 are available"):
         mesh_of("mesh.data=2", "mesh.tensor=2")
 
