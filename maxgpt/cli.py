@@ -268,14 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where config.yaml, metrics.jsonl and TensorBoard "
                                          "files go (default: runs/<model>-<time>)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, distributed=True)
 
     evaluate = commands.add_parser("eval", help="held-out loss, perplexity, bits per byte")
     evaluate.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
                           help="e.g. train.eval_steps=100")
-    evaluate.set_defaults(func=cmd_eval)
+    evaluate.set_defaults(func=cmd_eval, distributed=True)
 
     gen = commands.add_parser("generate", help="complete prompts with a trained model")
     gen.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no cut")
     gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, distributed=True)
 
     exp = commands.add_parser("export", help="a Hugging Face model folder from a checkpoint")
     exp.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "distributed", False):
+            from maxgpt import distributed
+
+            distributed.initialize()  # before any device is touched
         return args.func(args)
     except ConfigError as e:
         print(f"maxgpt: error: {e}", file=sys.stderr)

@@ -5,7 +5,8 @@ One process: the signal sets a flag that the loop reads after each step; a secon
 restores the default handler's effect (stop now). Many processes: every process must stop
 after the same step or the collective save deadlocks, so the decision is JAX's preemption
 sync point (`multihost_utils.reached_preemption_sync_point`), which the coordination
-service drives when any host receives SIGTERM.
+service drives when any host receives SIGTERM. There no Python handler is installed: it
+would replace the notifier that `jax.distributed.initialize` installed for SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class StopRequest:
         self._previous = {}
         # Signal handlers can only be installed from the main thread (tests call run() from
         # worker threads sometimes); elsewhere the run simply cannot be stopped by a signal.
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 

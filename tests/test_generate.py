@@ -16,7 +16,7 @@ VARIANTS = {
     "llama-gqa-window": ("tiny", "model.attention_window=5"),  # sliding window < prompt + new
     "gpt2-learned": ("tiny-gpt2",),
     "gpt3-banded": ("tiny-gpt2", "model.attention_window=4", "model.window_pattern=alternate"),
-    "moe-alternating": ("tiny-moe", "model.num_layers=4", "model.moe_every=2"),
+    "moe-alternating": ("tiny-moe", "model.moe_every=2"),  # a dense layer, then an MoE one
 }
 PROMPTS = [[2, 17, 33, 4, 90, 12, 7], [2, 5], [2, 61, 61, 8]]  # different lengths: left padding
 

@@ -12,6 +12,8 @@ is the interpreter's version and stdlib path, so a different Python gets its own
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -46,15 +48,27 @@ def corpus_dir() -> Path:
     return cache_root() / f"builtin-python{platform.python_version()}-{key}"
 
 
+@contextlib.contextmanager
+def _exclusive(target: Path):
+    """Hold a lock file beside `target`: processes of one job that share a cache (several
+    processes on a host, or hosts on a shared file system) build it once, in turn."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepared_corpus(progress: bool = True) -> Path:
     """The prepared stdlib corpus, preparing it on first use (a few seconds)."""
     directory = corpus_dir()
     if not (directory / SUMMARY).is_file():
-        try:
-            prepare(stdlib_files(), directory, text_suffixes=(".py",),
-                    validation_fraction=VALIDATION_FRACTION, progress=progress)
-        except FileExistsError:  # another process prepared it at the same time
-            pass
+        with _exclusive(directory):
+            if not (directory / SUMMARY).is_file():  # not built while we waited
+                prepare(stdlib_files(), directory, text_suffixes=(".py",),
+                        validation_fraction=VALIDATION_FRACTION, progress=progress)
     return directory
 
 
@@ -63,5 +77,7 @@ def tokenizer_path(vocab_size: int) -> Path:
     directory = prepared_corpus()
     path = directory / f"tokenizer-bpe-{vocab_size}.model"
     if not path.is_file():
-        train_tokenizer(sample_documents(directory), path, vocab_size)
+        with _exclusive(path):
+            if not path.is_file():
+                train_tokenizer(sample_documents(directory), path, vocab_size)
     return path
