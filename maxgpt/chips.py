@@ -22,16 +22,18 @@ class Chip:
     hbm_bytes: int  # per chip
     cores_per_chip: int  # how slice names count: TensorCores per chip
     device_kinds: tuple[str, ...]  # jax Device.device_kind values naming this chip
+    chips_per_host: int = 4  # TPU VM hosts of multi-host slices; GPUs: a typical node
+    torus_dims: int = 0  # TPU interconnect: 3 (v4, v5p) or 2 (v5e, v6e); 0 for GPUs
 
 
 CHIPS = {chip.name: chip for chip in [
-    Chip("v4", 275e12, 32 * GiB, 2, ("TPU v4",)),
-    Chip("v5e", 197e12, 16 * GiB, 1, ("TPU v5 lite", "TPU v5e")),
-    Chip("v5p", 459e12, 95 * GiB, 2, ("TPU v5p", "TPU v5")),
-    Chip("v6e", 918e12, 32 * GiB, 1, ("TPU v6 lite", "TPU v6e")),
-    Chip("h200", 989e12, 141 * 10**9, 1, ("H200",)),
-    Chip("h100", 989e12, 80 * 10**9, 1, ("H100",)),  # SXM
-    Chip("a100", 312e12, 80 * 10**9, 1, ("A100",)),
+    Chip("v4", 275e12, 32 * GiB, 2, ("TPU v4",), torus_dims=3),
+    Chip("v5e", 197e12, 16 * GiB, 1, ("TPU v5 lite", "TPU v5e"), torus_dims=2),
+    Chip("v5p", 459e12, 95 * GiB, 2, ("TPU v5p", "TPU v5"), torus_dims=3),
+    Chip("v6e", 918e12, 32 * GiB, 1, ("TPU v6 lite", "TPU v6e"), torus_dims=2),
+    Chip("h200", 989e12, 141 * 10**9, 1, ("H200",), chips_per_host=8),
+    Chip("h100", 989e12, 80 * 10**9, 1, ("H100",), chips_per_host=8),  # SXM
+    Chip("a100", 312e12, 80 * 10**9, 1, ("A100",), chips_per_host=8),
 ]}
 ALIASES = {"v5litepod": "v5e"}
 
@@ -55,3 +57,18 @@ def parse_slice(name: str) -> tuple[Chip, int]:
                           f"{chip.cores_per_chip} per chip; use a multiple of "
                           f"{chip.cores_per_chip}")
     return chip, count // chip.cores_per_chip
+
+
+def topology(chip: Chip, chips: int) -> str:
+    """The slice's chip grid as GKE and the TPU API write it: v5p-256 (128 chips) -> '4x4x8',
+    v6e-64 -> '8x8'. 3-D tori grow one axis at a time from 2x2x1; 2-D from 1x1."""
+    if chip.torus_dims == 0:
+        raise ConfigError(f"{chip.name} is not a TPU: it has no slice topology")
+    if chips & (chips - 1):
+        raise ConfigError(f"a {chip.name} slice of {chips} chips: maxgpt knows the power-of-two"
+                          " shapes only")
+    dims = [2, 2, 1] if chip.torus_dims == 3 and chips >= 4 else [1] * chip.torus_dims
+    while dims[0] * dims[1] * (dims[2] if len(dims) > 2 else 1) < chips:
+        smallest = min(range(len(dims)), key=lambda i: (dims[i], -i))
+        dims[smallest] *= 2
+    return "x".join(map(str, dims))
