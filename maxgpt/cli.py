@@ -224,6 +224,29 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from maxgpt.compile import compile_for
+
+    cfg = load_config(args.config, args.overrides)
+    report = compile_for(cfg, args.topology, args.num_slices)
+    if args.json:
+        print(json.dumps({"fits": report.fits, "bytes_per_device": report.bytes_per_device,
+                          "hbm_bytes": report.hbm_bytes,
+                          "flops_per_step": report.flops_per_step}))
+    else:
+        gib = 2**30
+        print(f"{cfg.model.name} on {report.topology} ({report.devices} devices, mesh "
+              f"{report.mesh}): compiled in {report.compile_s:.1f} s")
+        print(f"  per device: arguments {report.argument_bytes / gib:.2f} GiB, outputs not "
+              f"aliased {(report.output_bytes - report.alias_bytes) / gib:.2f} GiB, "
+              f"temporaries {report.temp_bytes / gib:.2f} GiB, code "
+              f"{report.code_bytes / gib:.2f} GiB")
+        print(f"  total {report.bytes_per_device / gib:.2f} GiB of {report.hbm_bytes / gib:.1f}"
+              f" GiB HBM: {'fits' if report.fits else 'does NOT fit'}")
+        print(f"  training FLOPs per step: {report.flops_per_step:.3g} (maxgpt/flops.py)")
+    return 0 if report.fits else 3
+
+
 def cmd_scaling(args) -> int:
     from maxgpt.scaling import ladder, parse_count
 
@@ -348,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true",
                       help='print {"params": N, "tokens": D, "loss": L, ...}')
     plan.set_defaults(func=cmd_plan)
+
+    comp = commands.add_parser("compile", help="compile the train step ahead of time for a "
+                                                "TPU slice; exit 3 if it does not fit")
+    comp.add_argument("--config", help="experiment or model YAML")
+    comp.add_argument("--topology", required=True, help="a TPU slice, e.g. v5p-8, v6e-256")
+    comp.add_argument("--num-slices", type=int, default=1)
+    comp.add_argument("--json", action="store_true",
+                      help='print {"fits", "bytes_per_device", "hbm_bytes", "flops_per_step"}')
+    comp.add_argument("overrides", nargs="*", metavar="section.key=value")
+    comp.set_defaults(func=cmd_compile)
 
     from maxgpt.scaling import DEFAULT_SIZES, DEFAULT_TOKENS
 

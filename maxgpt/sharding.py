@@ -69,9 +69,23 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh over `devices` (default: all). Devices of several TPU slices (multi-slice,
+    `slice_index`) get a hybrid mesh: the `data` axis spans the slices, over the data-center
+    network (DCN), and every other axis stays within a slice's ICI."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if sizes["data"] % slices:
+            raise ConfigError(f"{slices} slices need mesh.data to be a multiple of {slices} "
+                              f"(data parallelism across slices), got {sizes['data']}")
+        from jax.experimental import mesh_utils
+
+        within = (sizes["data"] // slices, *shape[1:])
+        grid = mesh_utils.create_hybrid_device_mesh(within, (slices, 1, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
@@ -91,6 +105,14 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh) -> 
         used.update(chosen)
         spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
     return PartitionSpec(*spec)
+
+
+def platform() -> str:
+    """What the code is traced for: the current mesh's platform (`tpu` when compiling ahead
+    of time for a TPU slice on a CPU host, `maxgpt compile`), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return jax.default_backend() if device is None else device.platform
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -51,9 +51,14 @@ class Trainer:
     optimizer: optax.GradientTransformation
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
-    batch_share: tuple[int, int]  # (index, count): the rows this process feeds, see sharding
     step_fn: Callable  # jitted (state, batch) -> (state, metrics)
     eval_fn: Callable  # jitted (params, batch + target_bytes) -> summed (nll, tokens, bytes)
+
+    @functools.cached_property
+    def batch_share(self) -> tuple[int, int]:
+        """(index, count): the rows of every batch this process feeds (sharding.batch_share);
+        only asked for when there is data to feed (not by an ahead-of-time compile)."""
+        return sharding.batch_share(self.batch_sharding, self.cfg.train.batch_size)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows (its `batch_share`) -> the sharded global batch."""
@@ -208,8 +213,7 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         donate_argnums=0)
     evaluate = jax.jit(lambda params, batch: eval_step(params, batch, graphdef=graphdef),
                        in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-    share = sharding.batch_share(batch_sh, cfg.train.batch_size)
-    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, share, step, evaluate)
+    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, step, evaluate)
 
 
 def _init_fn(trainer: Trainer) -> Callable[[], dict[str, Any]]:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import matmul, normal, rope, zeros
-from maxgpt.sharding import constrain, param
+from maxgpt.sharding import constrain, param, platform
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -49,7 +49,7 @@ CPU_QUERY_BLOCK = 128
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(QK^T / sqrt(H)) V over visible keys. q: (B, T, N, H); k, v: (B, T, K, H)."""
     T = q.shape[1]
-    cpu = jax.default_backend() == "cpu"
+    cpu = platform() == "cpu"
     block = CPU_QUERY_BLOCK if cpu and T % CPU_QUERY_BLOCK == 0 else T
     outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
                                          v[:, :start + block],

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import MLP, matmul, normal
-from maxgpt.sharding import logical_to_spec, param
+from maxgpt.sharding import logical_to_spec, param, platform
 
 # logical axes of the expert weights (E, D, F) and (E, F, D)
 UP_AXES = ("experts", "embed", "mlp")
@@ -135,7 +135,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array,
     tiled (default: on CPU): each group's rows start a fresh tile of CPU_EXPERT_TILE rows and
     every tile is one batched matmul with its group's weights; at most E tiles are extra.
     """
-    if not (jax.default_backend() == "cpu" if tiled is None else tiled):
+    if not (platform() == "cpu" if tiled is None else tiled):
         return jax.lax.ragged_dot(x, w, sizes)
     M, D = x.shape
     E = w.shape[0]

@@ -1,0 +1,128 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice, on any machine.
+
+`maxgpt compile --config FILE --topology v5p-256 [--num-slices N]` asks libtpu (the `[tpu]`
+extra) for the slice's device topology (`jax.experimental.topologies.get_topology_desc`),
+builds the run's mesh over those devices, and compiles the train step exactly as `maxgpt
+train` would, without a single TPU. XLA's memory analysis of the compiled step gives the
+bytes each chip needs (parameters, optimizer state and batch in; outputs not aliased to them;
+temporaries), compared with the chip's HBM from `maxgpt/chips.py`. When the TPU compiler
+itself refuses the program for want of HBM, the report carries its temporaries and our count
+of the per-device arguments, and does not fit.
+
+With several slices the devices of all slices form one mesh whose `data` axis is expected to
+span the slices (data parallelism over DCN, the other axes within a slice's ICI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+
+import jax
+
+from maxgpt.chips import Chip, parse_slice, topology
+from maxgpt.config import Config, ConfigError
+from maxgpt.flops import flops_per_token
+
+# libtpu's names for the chip generations, and its core layout per chip
+TPU_NAMES = {"v4": ("v4", "megacore"), "v5p": ("v5", "megacore"), "v5e": ("v5e", "default"),
+             "v6e": ("v6e", "default")}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    topology: str
+    devices: int
+    mesh: dict
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    flops_per_step: float  # maxgpt.flops (XLA's own count sees a scanned layer only once)
+    compile_s: float
+
+    @property
+    def bytes_per_device(self) -> int:
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_per_device <= self.hbm_bytes
+
+
+def topology_devices(chip: Chip, chips: int, num_slices: int = 1) -> list:
+    """Abstract devices of `num_slices` slices of `chips` chips each (libtpu, no TPU)."""
+    try:
+        from jax.experimental import topologies
+        import libtpu  # noqa: F401  (only to fail early with a clear message)
+    except ImportError:
+        raise ConfigError("maxgpt compile needs libtpu: pip install -e '.[tpu]' (and keep "
+                          "JAX_PLATFORMS=cpu for everything else on a machine without TPUs)"
+                          ) from None
+    if chip.name not in TPU_NAMES:
+        raise ConfigError(f"{chip.name} is not a TPU: maxgpt compile targets TPU slices")
+    name, cores = TPU_NAMES[chip.name]
+    per_host = (2, 4, 1) if chips == 8 and chip.cores_per_chip == 1 else (
+        (2, 2, 1) if chips >= 4 else (1, chips, 1))  # 8-chip v5e/v6e hosts are single-host
+    desc = topologies.get_topology_desc(
+        topology_name=f"{name}:{topology(chip, chips)}", platform="tpu",
+        chip_config_name=cores, chips_per_host_bounds=per_host, num_slices=num_slices)
+    return list(desc.devices)
+
+
+# The TPU compiler refuses a program whose temporaries exceed HBM, e.g. "RESOURCE_EXHAUSTED:
+# Ran out of memory on HBM, the total memory required for HLO temporaries (164.05G) exceeds
+# available HBM (15.75G)."
+_OUT_OF_HBM = re.compile(r"HLO temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
+
+
+def _shard_bytes(tree, shardings) -> int:
+    """Bytes of one device's shard of every array in `tree` (the largest shard)."""
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileReport:
+    from maxgpt import sharding
+    from maxgpt.train import _abstract_batch, abstract_state, build_trainer
+
+    chip, chips = parse_slice(slice_name)
+    if num_slices < 1:
+        raise ConfigError(f"--num-slices must be at least 1, got {num_slices}")
+    devices = topology_devices(chip, chips, num_slices)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    trainer = build_trainer(cfg, mesh)
+    state, batch = abstract_state(trainer), _abstract_batch(trainer)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    report = functools.partial(
+        CompileReport, topology=f"{slice_name}" + (f" x {num_slices} slices"
+                                                   if num_slices > 1 else ""),
+        devices=len(devices), mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes,
+        flops_per_step=flops_per_token(cfg.model, cfg.train.seq_len) * tokens)
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        try:
+            compiled = trainer.step_fn.lower(state, batch).compile()
+        except jax.errors.JaxRuntimeError as e:
+            found = _OUT_OF_HBM.search(str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+                raise
+            # Does not fit: the compiler's temporaries, and our count of the arguments.
+            temp = float(found.group(1)) * 2 ** (10 * " KMGT".index(found.group(2)))
+            args = (_shard_bytes(state, trainer.state_shardings)
+                    + _shard_bytes(batch, [trainer.batch_sharding] * len(batch)))
+            return report(argument_bytes=args, output_bytes=0, alias_bytes=0,
+                          temp_bytes=int(temp), code_bytes=0,
+                          compile_s=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    return report(argument_bytes=memory.argument_size_in_bytes,
+                  output_bytes=memory.output_size_in_bytes,
+                  alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+                  code_bytes=memory.generated_code_size_in_bytes, compile_s=seconds)

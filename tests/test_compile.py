@@ -1,0 +1,60 @@
+"""`maxgpt compile`: the real train step compiled ahead of time for TPU slices, on this CPU
+machine, through libtpu (the [tpu] extra; CI installs it)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from maxgpt import sharding
+from maxgpt.chips import parse_slice
+from maxgpt.cli import main
+from maxgpt.compile import topology_devices
+from maxgpt.config import load_config
+
+pytest.importorskip("libtpu", reason="maxgpt compile needs libtpu: pip install -e '.[tpu]'")
+
+
+def compile_json(capsys, *argv):
+    code = main(["compile", "--json", *argv])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_llama3_8b_fits_on_v5p_8(capsys):
+    code, out = compile_json(capsys, "--config", "configs/models/llama3-8b.yaml", "--topology",
+                             "v5p-8", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=8",
+                             "train.seq_len=8192")
+    assert code == 0 and out["fits"]
+    assert out["hbm_bytes"] == 95 * 2**30
+    # at least the fsdp shard of params + 2 Adam moments (fp32): 8.03B * 12 bytes / 4 chips
+    assert 8.03e9 * 12 / 4 < out["bytes_per_device"] < out["hbm_bytes"]
+    assert out["flops_per_step"] == pytest.approx(5.15e10 * 8 * 8192, rel=0.01)
+
+
+def test_llama3_70b_does_not_fit_on_v5e_8(capsys):
+    code, out = compile_json(capsys, "--config", "configs/models/llama3-70b.yaml", "--topology",
+                             "v5e-8", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=8",
+                             "train.seq_len=2048")
+    assert code == 3 and not out["fits"]
+    assert out["bytes_per_device"] > 70.5e9 * 12 / 8 > out["hbm_bytes"]
+
+
+@pytest.mark.slow  # about 70 s of XLA:TPU compilation on 2 cores
+def test_gpt3_175b_fits_on_a_v5p_256_slice_fully_sharded(capsys):
+    code, out = compile_json(capsys, "--config", "configs/models/gpt3-175b.yaml", "--topology",
+                             "v5p-256", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=128",
+                             "train.seq_len=2048")
+    assert code == 0 and out["fits"]
+
+
+def test_two_slices_compile_with_data_parallelism_across_them(capsys):
+    code, out = compile_json(capsys, "--config", "configs/models/tiny.yaml", "--topology",
+                             "v5e-16", "--num-slices", "2", "mesh.data=2", "mesh.fsdp=16",
+                             "train.batch_size=32")
+    assert code == 0 and out["fits"]
+    devices = topology_devices(*parse_slice("v5e-16"), num_slices=2)
+    mesh = sharding.make_mesh(load_config(None, ["mesh.data=4", "mesh.fsdp=8"]).mesh, devices)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)  # (data, fsdp, expert, tensor)
+    assert (slices[:2] == 0).all() and (slices[2:] == 1).all()  # data spans the slices
+    for row in slices:  # fsdp stays within one slice
+        assert len(np.unique(row)) == 1
