@@ -199,6 +199,13 @@ def cmd_plan(args) -> int:
     if args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be at least 1, got {args.vocab_size}")
     result = plan(flops, args.vocab_size)
+    if args.chips is not None and args.check_mesh:
+        from maxgpt.compile import find_mesh
+
+        mesh, report = find_mesh(result["model"], args.chips, echo=lambda text: print(
+            text, file=sys.stderr, flush=True))
+        result["mesh"] = mesh
+        result["bytes_per_device"] = None if report is None else report.bytes_per_device
     if args.json:
         print(json.dumps(result))
         return 0
@@ -220,6 +227,11 @@ def cmd_plan(args) -> int:
     print("  maxgpt train " + " ".join(f"model.{k}={v}" for k, v in shape.items())
           + f" model.max_seq_len=4096 train.seq_len=4096 train.batch_size={batch} "
           f"train.steps={steps}")
+    if "mesh" in result:
+        print(f"on {args.chips} (one 4096-token sequence per chip, bf16, full remat): "
+              + ("no fsdp x tensor mesh fits" if result["mesh"] is None else
+                 "fits with " + " ".join(f"mesh.{k}={v}" for k, v in result["mesh"].items())
+                 + f" mesh.data=1, {result['bytes_per_device'] / 2**30:.1f} GiB per chip"))
     print("expected losses are nats per token on Chinchilla's data (docs/scaling.md)")
     return 0
 
@@ -368,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--days", type=float, help="with --chips: length of the run")
     plan.add_argument("--mfu", type=float, default=0.4, help="with --chips (default 0.4)")
     plan.add_argument("--vocab-size", type=int, default=32000, help="for the model shape")
+    plan.add_argument("--check-mesh", action="store_true",
+                      help="with --chips: find a mesh for which `maxgpt compile` says the "
+                           "shape fits (needs the [tpu] extra; minutes)")
     plan.add_argument("--json", action="store_true",
                       help='print {"params": N, "tokens": D, "loss": L, ...}')
     plan.set_defaults(func=cmd_plan)

@@ -126,3 +126,29 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
                   output_bytes=memory.output_size_in_bytes,
                   alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                   code_bytes=memory.generated_code_size_in_bytes, compile_s=seconds)
+
+
+def find_mesh(model: dict, slice_name: str, seq_len: int = 4096,
+              echo=lambda text: None) -> tuple[dict | None, CompileReport | None]:
+    """The first mesh, of fully sharded data parallelism and then fsdp x tensor 2, 4, 8,
+    for which the train step of `model` (model.* keys; bf16 compute, full remat, one
+    sequence of `seq_len` per chip) compiles within HBM on `slice_name`. (None, None) if
+    none does."""
+    from maxgpt.config import load_config
+
+    _, chips = parse_slice(slice_name)
+    base = [f"model.{k}={v}" for k, v in model.items()] + [
+        f"model.max_seq_len={seq_len}", f"train.seq_len={seq_len}",
+        f"train.batch_size={chips}", "model.dtype=bfloat16", "model.remat=full",
+        "model.tie_embeddings=false", "mesh.data=1"]
+    for tensor in (1, 2, 4, 8):
+        if chips % tensor or model["num_heads"] % tensor:
+            continue
+        mesh = {"fsdp": chips // tensor, "tensor": tensor}
+        cfg = load_config(None, [*base, f"mesh.fsdp={mesh['fsdp']}", f"mesh.tensor={tensor}"])
+        report = compile_for(cfg, slice_name)
+        echo(f"  mesh fsdp={mesh['fsdp']} tensor={tensor}: "
+             f"{report.bytes_per_device / 2**30:.1f} of {report.hbm_bytes / 2**30:.0f} GiB")
+        if report.fits:
+            return mesh, report
+    return None, None

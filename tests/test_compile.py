@@ -58,3 +58,11 @@ def test_two_slices_compile_with_data_parallelism_across_them(capsys):
     assert (slices[:2] == 0).all() and (slices[2:] == 1).all()  # data spans the slices
     for row in slices:  # fsdp stays within one slice
         assert len(np.unique(row)) == 1
+
+
+def test_plan_finds_a_mesh_that_fits(capsys):
+    assert main(["plan", "--chips", "v5e-8", "--days", "0.01", "--check-mesh", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mesh"] == {"fsdp": 8, "tensor": 1}  # the first candidate fits: a ~60M model
+    assert 0 < out["bytes_per_device"] < 16 * 2**30
+    assert out["model_params"] == pytest.approx(out["params"], rel=0.1)
