@@ -20,6 +20,7 @@ def compile_json(capsys, *argv):
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # about 55 s of XLA:TPU compilation on 2 cores
 def test_llama3_8b_fits_on_v5p_8(capsys):
     code, out = compile_json(capsys, "--config", "configs/models/llama3-8b.yaml", "--topology",
                              "v5p-8", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=8",
