@@ -24,7 +24,7 @@ import time
 import jax
 
 from maxgpt.chips import Chip, parse_slice, topology
-from maxgpt.config import Config, ConfigError
+from maxgpt.config import Config, ConfigError, load_config
 from maxgpt.flops import flops_per_token
 
 # libtpu's names for the chip generations, and its core layout per chip
@@ -134,8 +134,6 @@ def find_mesh(model: dict, slice_name: str, seq_len: int = 4096,
     for which the train step of `model` (model.* keys; bf16 compute, full remat, one
     sequence of `seq_len` per chip) compiles within HBM on `slice_name`. (None, None) if
     none does."""
-    from maxgpt.config import load_config
-
     _, chips = parse_slice(slice_name)
     base = [f"model.{k}={v}" for k, v in model.items()] + [
         f"model.max_seq_len={seq_len}", f"train.seq_len={seq_len}",
