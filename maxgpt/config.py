@@ -79,6 +79,11 @@ class ModelConfig:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
+    def mlp_weights(self) -> int:
+        """Weights of one MLP (a dense layer's, or one expert's), biases excluded."""
+        return (3 if self.mlp == "swiglu" else 2) * self.embed_dim * self.mlp_dim
+
+    @property
     def moe(self) -> bool:
         return self.num_experts > 0
 

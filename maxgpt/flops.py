@@ -38,7 +38,7 @@ def matmul_params_per_token(m: ModelConfig) -> int:
     experts: the active parameters, not the total.
     """
     attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-    mlp = (3 if m.mlp == "swiglu" else 2) * m.embed_dim * m.mlp_dim
+    mlp = m.mlp_weights
     moe = sum(m.moe_layers())
     moe_mlp = (m.experts_per_token + m.num_shared_experts) * mlp + m.embed_dim * m.num_experts
     return (m.num_layers * attn + (m.num_layers - moe) * mlp + moe * moe_mlp

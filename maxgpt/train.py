@@ -86,8 +86,7 @@ def active_params(cfg: Config) -> int:
     """Parameters one token uses: all but the routed experts it does not go to (MoE); the
     router and shared experts count. Equal to count_params for a dense model."""
     m = cfg.model
-    per_expert = (3 if m.mlp == "swiglu" else 2) * m.embed_dim * m.mlp_dim
-    idle = sum(m.moe_layers()) * (m.num_experts - m.experts_per_token) * per_expert
+    idle = sum(m.moe_layers()) * (m.num_experts - m.experts_per_token) * m.mlp_weights
     return count_params(cfg) - idle
 
 
