@@ -5,8 +5,11 @@ Each step directory holds four orbax items, all readable with plain orbax (docs/
     state/      the train state pytree {"params", "opt_state", "step", "skipped_steps",
                 "bad_in_a_row"} (StandardCheckpointHandler; restored straight into the
                 shardings of whatever mesh the reader has)
-    data/       `process_<i>-of-<n>.json`, one per process (grain's orbax handler):
-                {"pipeline": the data settings it is valid for, "iterator": grain's state}
+    data/       `process_<i>-of-<n>.json`, one per process (grain's file layout):
+                {"pipeline": the data settings it is valid for, "iterator": {"streams":
+                {"<s>": grain's state of stream s}} for the data streams that process read}.
+                A restore reads every process's file and merges the streams, so a run
+                resumes on any number of processes (data/pipeline.py)
     config/     the resolved run config (JSON)
     tokenizer/  {"sentencepiece_model_base64": ...} (JSON), or {} for synthetic data
 
@@ -28,6 +31,7 @@ Safety:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import sys
 import time
@@ -54,11 +58,39 @@ class _IteratorState:
     def get_state(self) -> bytes:
         return json.dumps(self.state).encode()
 
-    def set_state(self, raw: bytes) -> None:
-        self.state = json.loads(raw)
+    def merge(self, states: list[dict]) -> "_IteratorState":
+        """One state from every process's: their (equal) pipeline settings, and all their
+        streams' iterator states (data/pipeline.py); a synthetic source's state is the
+        same step everywhere."""
+        streams = {k: v for state in states
+                   for k, v in state["iterator"].get("streams", {}).items()}
+        self.state = dict(states[0], **({"iterator": {"streams": streams}} if streams else {}))
+        return self
 
-    def start_prefetch(self) -> None:  # called by the handler after a restore
-        pass
+
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler (one JSON file per process), restoring the union of all the files:
+    the streams a process reads now may have been read by another process, or by several,
+    before (their copies are identical)."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        files = sorted(directory.glob("process_*-of-*.json"))
+        if not files:
+            raise ValueError(f"no process_*-of-*.json data state in {directory}")
+        return item.merge([json.loads(f.read_text()) for f in files])
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: _IteratorState
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: _IteratorState
 
 
 def _path(key_path) -> str:
@@ -92,7 +124,7 @@ class Checkpointer:
                 read_only=read_only, cleanup_tmp_directories=not read_only),
             item_names=ITEMS,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
+                           "data": _DataHandler(),
                            "config": ocp.JsonCheckpointHandler(),
                            "tokenizer": ocp.JsonCheckpointHandler()})
 
@@ -110,7 +142,7 @@ class Checkpointer:
                      {"sentencepiece_model_base64": base64.b64encode(tokenizer_proto).decode()})
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
+            data=_DataSave(_IteratorState(data_state)),
             config=ocp.args.JsonSave(cfg.to_dict()),
             tokenizer=ocp.args.JsonSave(tokenizer)), force=True)
 
@@ -121,7 +153,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, shardings: Any,
                 data: bool = True) -> tuple[Any, dict | None]:
         """The train state of `step`, placed in `shardings`, and (if `data`) the saved data
-        iterator state of this process."""
+        state, merged over the processes that wrote it."""
         if step not in self.manager.all_steps():
             raise ConfigError(f"no checkpoint of step {step} in {self.directory}; it has "
                               f"{self.steps() or 'none'}")
@@ -131,16 +163,8 @@ class Checkpointer:
                               abstract_state, shardings)
         items = {"state": ocp.args.StandardRestore(target)}
         if data:
-            items["data"] = grain.checkpoint.CheckpointRestore(_IteratorState())
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:
-            if "process_" in str(e):  # grain: no iterator file for this process index/count
-                raise ConfigError(
-                    f"checkpoint {step} in {self.directory} was written by a different number "
-                    f"of processes than this run's {jax.process_count()}; its data position "
-                    "cannot be resumed") from None
-            raise
+            items["data"] = _DataRestore(_IteratorState())
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored["data"].state if data else None
 
     def restore_newest(self, abstract_state: Any, shardings: Any

@@ -145,8 +145,9 @@ class DataConfig:
     source: str  # builtin | synthetic | mixture | PATH of a prepared dataset
     sources: dict  # source=mixture: {PATH or builtin: weight}
     tokenizer: str  # a sentencepiece .model; "": the dataset's own (see docs/data.md)
-    num_workers: int  # tokenising processes; 0 tokenises in the training process
+    num_workers: int  # tokenising processes per stream; 0 tokenises in the training process
     prefetch: int  # batches made ahead of the training step
+    streams: int  # independent data streams a global batch is cut from; 0: one per row share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,10 +358,15 @@ def validate(cfg: Config) -> None:
     nonnegative = {"optim.warmup_steps": o.warmup_steps, "train.eval_every": t.eval_every,
                    "checkpoint.every": cfg.checkpoint.every,
                    "checkpoint.keep_every": cfg.checkpoint.keep_every,
-                   "data.num_workers": cfg.data.num_workers, "data.prefetch": cfg.data.prefetch}
+                   "data.num_workers": cfg.data.num_workers, "data.prefetch": cfg.data.prefetch,
+                   "data.streams": cfg.data.streams}
     for key, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.data.streams and t.batch_size % cfg.data.streams:
+        raise ConfigError(f"data.streams={cfg.data.streams} must divide "
+                          f"train.batch_size={t.batch_size} (each stream gives an equal part "
+                          "of every batch)")
     _validate_data(cfg.data)
     _validate_moe(cfg)
     mesh = dataclasses.asdict(cfg.mesh)

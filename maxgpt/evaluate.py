@@ -23,7 +23,7 @@ from maxgpt.data.pipeline import Corpus, eval_batches
 def evaluate(trainer, params: Any, corpus: Corpus, byte_lengths: np.ndarray) -> dict[str, float]:
     """Sums over `train.eval_steps` batches; `byte_lengths[id]` = UTF-8 bytes of token id."""
     nll = tokens = n_bytes = 0.0
-    for local in eval_batches(corpus, trainer.cfg, trainer.batch_share):
+    for local in eval_batches(corpus, trainer.cfg, trainer.batch_rows, trainer.streams):
         local = dict(local, target_bytes=byte_lengths[local["targets"]].astype(np.int32))
         sums = jax.device_get(trainer.eval_fn(params, trainer.global_batch(local)))
         nll, tokens, n_bytes = nll + float(sums[0]), tokens + float(sums[1]), n_bytes + float(

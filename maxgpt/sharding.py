@@ -154,25 +154,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
 
 
-def batch_share(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
-    """(index, count): this process feeds rows [index * B/count, (index + 1) * B/count) of
-    every global batch, the rows its devices hold. Processes whose devices hold the same
-    rows (a model axis spanning hosts) get the same share and must feed the same data."""
-    slices = {(idx[0].start or 0, idx[0].stop or batch_size)
-              for idx in sharding.addressable_devices_indices_map((batch_size, 1)).values()}
-    lo, hi = min(a for a, _ in slices), max(b for _, b in slices)
-    rows = hi - lo
-    if sum(b - a for a, b in slices) != rows or lo % rows or batch_size % rows:
-        raise ConfigError(f"process {jax.process_index()}'s devices hold batch rows "
-                          f"{sorted(slices)}, not one contiguous share; order the mesh so "
-                          "that each host's devices are adjacent on the data axes")
-    return lo // rows, batch_size // rows
+def batch_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, ...]:
+    """The rows of every global batch that this process's devices hold, ascending: what the
+    process feeds (`global_batch`). Usually one contiguous range, but any set works (a
+    multi-host TPU mesh may give a host rows 0, 1, 6 and 15); processes whose devices hold
+    the same rows (a model axis spanning hosts) feed the same data."""
+    rows: set[int] = set()
+    for idx in sharding.addressable_devices_indices_map((batch_size, 1)).values():
+        rows.update(range(*idx[0].indices(batch_size)))
+    return tuple(sorted(rows))
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
                  batch_size: int) -> dict[str, jax.Array]:
-    """One global batch from every process's own share of rows (`batch_share`): each lands
-    on the process's devices, and no process ever holds (or reads) the whole batch."""
+    """One global batch from every process's own rows (`batch_rows`, in that order): each
+    lands on the process's devices, and no process ever holds (or reads) the whole batch."""
     return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
             for k, v in local.items()}
 

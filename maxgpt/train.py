@@ -30,7 +30,7 @@ from maxgpt import sharding
 from maxgpt.config import Config, ConfigError
 from maxgpt.checkpoint import Checkpointer, load_params
 from maxgpt.data import SyntheticSource
-from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, batches,
+from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, StreamReader, batches,
                                   check_eval_split, describe, resolve_corpus)
 from maxgpt.evaluate import evaluate
 from maxgpt.generate import print_sample
@@ -55,13 +55,18 @@ class Trainer:
     eval_fn: Callable  # jitted (params, batch + target_bytes) -> summed (nll, tokens, bytes)
 
     @functools.cached_property
-    def batch_share(self) -> tuple[int, int]:
-        """(index, count): the rows of every batch this process feeds (sharding.batch_share);
-        only asked for when there is data to feed (not by an ahead-of-time compile)."""
-        return sharding.batch_share(self.batch_sharding, self.cfg.train.batch_size)
+    def batch_rows(self) -> tuple[int, ...]:
+        """The rows of every batch this process feeds (sharding.batch_rows); only asked for
+        when there is data to feed (not by an ahead-of-time compile)."""
+        return sharding.batch_rows(self.batch_sharding, self.cfg.train.batch_size)
+
+    @property
+    def streams(self) -> int:
+        """`data.streams`, or when 0, one stream per row share of this mesh."""
+        return self.cfg.data.streams or self.cfg.train.batch_size // len(self.batch_rows)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows (its `batch_share`) -> the sharded global batch."""
+        """This process's rows (its `batch_rows`, ascending) -> the sharded global batch."""
         return sharding.global_batch(local, self.batch_sharding, self.cfg.train.batch_size)
 
 
@@ -274,15 +279,18 @@ def open_corpus(cfg: Config, run_dir: Path | None) -> Corpus | None:
 
 
 def make_source(trainer: Trainer, corpus: Corpus | None):
-    """This process's endless, checkpointable iterator of its share of every training batch
-    (numpy rows)."""
-    cfg, share = trainer.cfg, trainer.batch_share
+    """This process's endless, checkpointable iterator of its rows of every training batch
+    (numpy arrays)."""
+    cfg, rows, streams = trainer.cfg, trainer.batch_rows, trainer.streams
     if corpus is None:
         return SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len,
-                               cfg.train.seed, share)
-    return batches(corpus, "train", seq_len=cfg.train.seq_len,
-                   batch_size=cfg.train.batch_size // share[1], seed=cfg.train.seed,
-                   process=share, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+                               cfg.train.seed, rows)
+    return StreamReader(
+        lambda s: batches(corpus, "train", seq_len=cfg.train.seq_len,
+                          batch_size=cfg.train.batch_size // streams, seed=cfg.train.seed,
+                          stream=(s, streams), num_workers=cfg.data.num_workers,
+                          prefetch=cfg.data.prefetch),
+        rows, cfg.train.batch_size, streams)
 
 
 def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
@@ -299,7 +307,7 @@ def data_fingerprint(trainer: Trainer, corpus: Corpus | None) -> dict[str, Any]:
         corpus.tokenizer.model_proto).hexdigest()[:16]
     return {"source": cfg.data.source, "sources": cfg.data.sources, "tokenizer": tokenizer,
             "seq_len": cfg.train.seq_len, "seed": cfg.train.seed,
-            "batch_share": list(trainer.batch_share), "num_workers": cfg.data.num_workers,
+            "streams": trainer.streams, "num_workers": cfg.data.num_workers,
             "prefetch": cfg.data.prefetch > 0}
 
 
@@ -365,9 +373,13 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
     """
     run_dir = None if run_dir is None else Path(run_dir)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
+    if not cfg.data.streams:  # fixed now, in config.yaml: a resume keeps the data order
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                streams=trainer.streams))
+        trainer = dataclasses.replace(trainer, cfg=cfg)
     corpus = open_corpus(cfg, run_dir)
     if corpus is not None and cfg.train.eval_every > 0:  # fail now, not at the first eval
-        check_eval_split(corpus, cfg.train.seq_len, trainer.batch_share)
+        check_eval_split(corpus, cfg.train.seq_len, trainer.streams)
     if run_dir is not None:
         write_run_dir(cfg, run_dir, corpus)
     peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))

@@ -1,5 +1,6 @@
 """The data pipeline: preparing, tokenising, packing, sharding, iterator state, bad input."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 from maxgpt import cli
 from maxgpt.config import ConfigError
 from maxgpt.data import builtin
-from maxgpt.data.pipeline import (BATCH_KEYS, ROW_SHUFFLE_WINDOW, Corpus, _documents, batches,
-                                  packed_rows, resolve_corpus)
+from maxgpt.data.pipeline import (BATCH_KEYS, ROW_SHUFFLE_WINDOW, Corpus, StreamReader,
+                                  _documents, batches, packed_rows, resolve_corpus)
 from maxgpt.data.prepare import document_source, is_validation, prepare, sample_documents
 from maxgpt.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
 from tests.conftest import REPO, make_config
@@ -125,7 +126,7 @@ def test_batches_are_the_packed_rows_shuffled_within_windows(corpus):
     assert batched[:window] != packed[:window]
 
 
-def test_processes_read_disjoint_shares_that_cover_everything(corpus):
+def test_streams_read_disjoint_shares_that_cover_everything(corpus):
     directory = corpus.sources[0][0]
     shares = [[tuple(d["inputs"]) for d in _documents(directory, "train", corpus.tokenizer,
                                                       5, (p, 2), repeat=False)]
@@ -135,10 +136,46 @@ def test_processes_read_disjoint_shares_that_cover_everything(corpus):
     assert not set(shares[0]) & set(shares[1])
     assert sorted(shares[0] + shares[1]) == everything
     assert abs(len(shares[0]) - len(shares[1])) <= 1
-    # and the packed batches of the two processes differ
-    a = next(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, process=(0, 2)))
-    b = next(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, process=(1, 2)))
+    # and the packed batches of the two streams differ
+    a = next(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, stream=(0, 2)))
+    b = next(batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, stream=(1, 2)))
     assert not np.array_equal(a["inputs"], b["inputs"])
+
+
+def test_any_rows_of_a_global_batch_come_from_the_streams_they_fall_in(corpus):
+    """Global batch = the streams' batches end to end, whatever rows a process reads (also
+    rows of several streams, not contiguous); a state saved by readers of some rows
+    restores readers of other rows."""
+    def stream(s):
+        return batches(corpus, "train", seq_len=SEQ, batch_size=2, seed=5, stream=(s, 3))
+
+    def reader(rows):
+        return StreamReader(stream, rows, batch_size=6, streams=3)
+
+    plain = [stream(s) for s in range(3)]
+    expected = [{k: np.concatenate([b[k] for b in step]) for k in BATCH_KEYS}
+                for step in zip(*[[next(it) for _ in range(4)] for it in plain])]
+    for rows in [range(6), (1, 2, 5), (3,)]:
+        with contextlib.closing(reader(rows)) as it:
+            for want in expected:
+                got = next(it)
+                for key in BATCH_KEYS:
+                    np.testing.assert_array_equal(got[key], want[key][list(rows)])
+
+    # Two "processes" (rows 0-2 and 3-5) save after 2 steps; their merged state resumes a
+    # reader of rows 1 and 4 at step 3.
+    states = []
+    for rows in [(0, 1, 2), (3, 4, 5)]:
+        with contextlib.closing(reader(rows)) as it:
+            next(it), next(it)
+            states.append(json.loads(json.dumps(it.get_state())))
+    merged = {"streams": {**states[0]["streams"], **states[1]["streams"]}}
+    with contextlib.closing(reader((1, 4))) as it:
+        it.set_state(merged)
+        for want in expected[2:]:
+            np.testing.assert_array_equal(next(it)["inputs"], want["inputs"][[1, 4]])
+    with contextlib.closing(reader((5,))) as it, pytest.raises(ConfigError, match=r"\[2\]"):
+        it.set_state(states[0])  # rows 0-2 never read stream 2
 
 
 @pytest.mark.parametrize("workers, prefetch, before", [

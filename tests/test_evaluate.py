@@ -33,7 +33,7 @@ def test_eval_equals_an_independent_pass_over_the_validation_split():
     tokens = sum(len(corpus.tokenizer.encode_document(d)) - 1 for d in docs)
     n_bytes = sum(len(d.encode()) for d in docs)
     assert got["eval_tokens"] == tokens  # 40 batches cover the split: all of it, once
-    batches = list(eval_batches(corpus, cfg, (0, 1)))
+    batches = list(eval_batches(corpus, cfg, range(cfg.train.batch_size), 1))
     inputs = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
     starts = np.flatnonzero(inputs == BOS_ID)
     assert [list(x) for x in np.split(inputs, starts[1:])] == [

@@ -1,5 +1,6 @@
 """Training: sharded meshes equal one device, accumulation equals the big batch, it learns."""
 
+import dataclasses
 import json
 
 import jax
@@ -145,16 +146,18 @@ def test_run_dir_metrics_and_config(tmp_path):
                 "tokens_seen"} <= row.keys()
         assert row["tokens_seen"] == row["step"] * 8 * 32
         assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
-    assert load_config(tmp_path / "run/config.yaml") == cfg
+    # data.streams=0 is written down as what it meant for this run (1: one process)
+    assert load_config(tmp_path / "run/config.yaml") == dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, streams=1))
     assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["train"]["steps"] == STEPS
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_synthetic_rows_do_not_depend_on_sharding():
     source = SyntheticSource(vocab_size=97, batch_size=8, seq_len=16, seed=3)
-    full = source.rows(step=5, start=0, stop=8)
-    part = source.rows(step=5, start=4, stop=6)
-    np.testing.assert_array_equal(full["inputs"][4:6], part["inputs"])
+    full = source.rows(5, range(8))
+    part = source.rows(5, [1, 4, 6])
+    np.testing.assert_array_equal(full["inputs"][[1, 4, 6]], part["inputs"])
     np.testing.assert_array_equal(full["inputs"][:, 1:], full["targets"][:, :-1])
     stride = (full["targets"][:, 0] - full["inputs"][:, 0]) % 97
     np.testing.assert_array_equal((full["inputs"][:, 0:1] + stride[:, None] *
@@ -188,4 +191,7 @@ def test_resumed_run_sees_exactly_the_batches_of_a_straight_run(tmp_path):
     moved = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.num_workers=0")
     with pytest.raises(ConfigError, match="num_workers: 1 then, 0 now"):
         train.run(moved, tmp_path / "resumed", echo=False)
+    restreamed = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.streams=2")
+    with pytest.raises(ConfigError, match="streams: 1 then, 2 now"):
+        train.run(restreamed, tmp_path / "resumed", echo=False)
     assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["3", "6"]

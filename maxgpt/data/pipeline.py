@@ -1,8 +1,16 @@
-"""The grain pipeline: prepared documents -> tokens -> packed rows -> per-process batches.
+"""The grain pipeline: prepared documents -> tokens -> packed rows -> batches, in streams.
 
-Per source (a prepared dataset directory), as a grain `MapDataset`:
+The data of a run is `data.streams` independent streams, a number fixed when the run starts
+(by default, the number of distinct row shares of its first mesh). Each global batch of B
+rows is the streams' batches of B/S rows laid end to end: stream s gives rows
+[s*B/S, (s+1)*B/S). A process reads only the streams its devices' rows fall in and keeps
+those rows (`StreamReader`). So the batches depend on (seed, streams) alone, never on how
+many processes read them or how the mesh lays rows out, and a checkpoint (one state per
+stream) resumes on any process count.
 
-    ArrayRecord documents -> global shuffle (seed) -> this process's share [p::P]
+Per source (a prepared dataset directory) and stream s of S, as a grain `MapDataset`:
+
+    ArrayRecord documents -> global shuffle (seed) -> the stream's share [s::S]
         -> repeat (reshuffled every epoch) -> tokenise (bos text eos)
 
 then a weighted mixture of the sources, tokenisation in `data.num_workers` processes
@@ -19,16 +27,17 @@ never crosses a document boundary and every prediction of the epoch appears exac
 row, with a fresh context there. Rows are full: the only padding (segment 0) is in the last
 row of a finite pass (evaluation); training streams are endless and carry no padding.
 
-The whole iterator, packing buffer and prefetch included, has a JSON state
+Each stream's iterator, packing buffer and prefetch included, has a JSON state
 (`get_state`/`set_state`) that is saved with every checkpoint: a resumed run sees exactly
 the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 from absl import flags
@@ -141,23 +150,24 @@ def _seed(seed: int, *purpose: int) -> int:
 
 
 def _documents(directory: Path, split: str, tokenizer: Tokenizer, seed: int | None,
-               process: tuple[int, int], repeat: bool) -> grain.MapDataset:
-    index, count = process
+               stream: tuple[int, int], repeat: bool) -> grain.MapDataset:
+    index, count = stream
     ds = grain.MapDataset.source(document_source(directory, split))
     if seed is not None:
         ds = ds.shuffle(seed)
     ds = ds[index::count]
     if len(ds) == 0:
         raise ConfigError(f"{directory} has too few {split} documents to give each of "
-                          f"{count} processes a share")
+                          f"data.streams={count} streams a share; lower data.streams")
     if repeat:
         ds = ds.repeat()
     return ds.map(_TokenizeDocument(tokenizer))
 
 
 def packed_rows(corpus: Corpus, split: str, *, seq_len: int, seed: int | None,
-                process: tuple[int, int] = (0, 1), num_workers: int = 0) -> grain.IterDataset:
-    """Rows of `seq_len` (input, target) pairs, documents laid end to end, in stream order.
+                stream: tuple[int, int] = (0, 1), num_workers: int = 0) -> grain.IterDataset:
+    """Rows of `seq_len` (input, target) pairs of stream (index, count), documents laid end
+    to end.
 
     `seed` None reads the split once, in order (evaluation); an int shuffles the documents
     with it and repeats forever (training).
@@ -165,7 +175,7 @@ def packed_rows(corpus: Corpus, split: str, *, seq_len: int, seed: int | None,
     repeat = seed is not None
     per_source = [
         _documents(d, split, corpus.tokenizer,
-                   None if seed is None else _seed(seed, DOCUMENT_SHUFFLE, i), process, repeat)
+                   None if seed is None else _seed(seed, DOCUMENT_SHUFFLE, i), stream, repeat)
         for i, (d, _) in enumerate(corpus.sources)]
     docs = (per_source[0] if len(per_source) == 1 else
             grain.MapDataset.mix(per_source, [w for _, w in corpus.sources]))
@@ -214,11 +224,11 @@ class Batches:
 
 
 def batches(corpus: Corpus, split: str, *, seq_len: int, batch_size: int, seed: int | None,
-            process: tuple[int, int] = (0, 1), num_workers: int = 0,
+            stream: tuple[int, int] = (0, 1), num_workers: int = 0,
             prefetch: int = 0) -> Batches:
-    """Per-process batches of `batch_size` packed rows; with a seed (training) the rows are
+    """One stream's batches of `batch_size` packed rows; with a seed (training) the rows are
     shuffled in windows of ROW_SHUFFLE_WINDOW first."""
-    ds = packed_rows(corpus, split, seq_len=seq_len, seed=seed, process=process,
+    ds = packed_rows(corpus, split, seq_len=seq_len, seed=seed, stream=stream,
                      num_workers=num_workers)
     if seed is not None:
         ds = WindowShuffleIterDataset(ds, window_size=ROW_SHUFFLE_WINDOW,
@@ -229,25 +239,83 @@ def batches(corpus: Corpus, split: str, *, seq_len: int, batch_size: int, seed: 
     return Batches(ds)
 
 
-def check_eval_split(corpus: Corpus, seq_len: int, process: tuple[int, int]) -> None:
-    """Raise now, not at the first evaluation, if a source has no validation share here."""
-    packed_rows(corpus, "validation", seq_len=seq_len, seed=None, process=process)
+def stream_rows(rows: Sequence[int], batch_size: int, streams: int) -> dict[int, np.ndarray]:
+    """{stream: positions within its batch of B/S rows} for the global batch `rows` a process
+    feeds, in the order of `rows` (ascending)."""
+    per = batch_size // streams
+    needed: dict[int, list[int]] = {}
+    for row in rows:
+        needed.setdefault(row // per, []).append(row % per)
+    return {s: np.asarray(pos) for s, pos in needed.items()}
+
+
+class StreamReader:
+    """A process's rows of every global batch (ascending global row order), read from the
+    streams they fall in. `open_stream(s)` gives stream s's iterator of B/S-row batches.
+
+    The state holds one entry per stream read here, {"streams": {"s": state}}; `set_state`
+    takes a dict that may hold more (the union over all processes of a run, as a checkpoint
+    restores it).
+    """
+
+    def __init__(self, open_stream: Callable[[int], Any], rows: Sequence[int],
+                 batch_size: int, streams: int):
+        self.positions = stream_rows(rows, batch_size, streams)
+        self.streams = {s: open_stream(s) for s in self.positions}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [{k: v[positions] for k, v in next(self.streams[s]).items()}
+                 for s, positions in self.positions.items()]
+        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+
+    def get_state(self) -> dict:
+        return {"streams": {str(s): it.get_state() for s, it in self.streams.items()}}
+
+    def set_state(self, state: dict) -> None:
+        saved = state.get("streams", {})
+        missing = sorted(s for s in self.streams if str(s) not in saved)
+        if missing:
+            raise ConfigError(f"the saved data position has no state for stream(s) {missing} "
+                              f"(it holds {sorted(map(int, saved))})")
+        for s, it in self.streams.items():
+            it.set_state(saved[str(s)])
+
+    def close(self) -> None:
+        for it in self.streams.values():
+            it.close()
+
+
+def check_eval_split(corpus: Corpus, seq_len: int, streams: int) -> None:
+    """Raise now, not at the first evaluation, if a source has no validation documents for
+    some stream."""
+    for s in range(streams):
+        packed_rows(corpus, "validation", seq_len=seq_len, seed=None, stream=(s, streams))
 
 
 def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """A short final batch grown to `rows` with padding rows (segment id 0: no loss)."""
     missing = rows - batch["inputs"].shape[0]
-    return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
+    return batch if missing == 0 else {k: np.pad(v, ((0, missing), (0, 0)))
+                                       for k, v in batch.items()}
 
 
-def eval_batches(corpus: Corpus, cfg: Config, process: tuple[int, int]
+def eval_batches(corpus: Corpus, cfg: Config, rows: Sequence[int], streams: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """The first `train.eval_steps` validation batches, the same ones every time; once the
-    split is exhausted, padding batches (so every process runs the same number of steps)."""
-    local = cfg.train.batch_size // process[1]
-    it = batches(corpus, "validation", seq_len=cfg.train.seq_len, batch_size=local,
-                 seed=None, process=process)
-    empty = {k: np.zeros((local, cfg.train.seq_len), np.int32) for k in BATCH_KEYS}
+    """This process's `rows` of the first `train.eval_steps` validation batches, the same
+    ones every time; once a stream is exhausted, padding rows (so every process takes the
+    same number of steps)."""
+    per, seq_len = cfg.train.batch_size // streams, cfg.train.seq_len
+
+    def padded(s: int) -> Iterator[dict[str, np.ndarray]]:
+        with contextlib.closing(batches(corpus, "validation", seq_len=seq_len,
+                                        batch_size=per, seed=None, stream=(s, streams))) as it:
+            yield from (pad_rows(batch, per) for batch in it)
+        while True:
+            yield {k: np.zeros((per, seq_len), np.int32) for k in BATCH_KEYS}
+
+    reader = StreamReader(padded, rows, cfg.train.batch_size, streams)
     for _ in range(cfg.train.eval_steps):
-        batch = next(it, None)
-        yield empty if batch is None else pad_rows(batch, local)
+        yield next(reader)

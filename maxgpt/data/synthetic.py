@@ -8,29 +8,31 @@ previous tokens to predict the next one, so the loss falls from ln(V) towards 0 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 MAX_STRIDE = 16
 
 
 class SyntheticSource:
-    """An endless, checkpointable iterator of this process's rows, step after step."""
+    """An endless, checkpointable iterator of some rows (default: all) of every global
+    batch, step after step."""
 
     def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int,
-                 process: tuple[int, int] = (0, 1)):
-        self.vocab_size, self.batch_size, self.seq_len, self.seed = (
-            vocab_size, batch_size, seq_len, seed)
-        self.process = process
+                 rows: Sequence[int] | None = None):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.own_rows = tuple(range(batch_size)) if rows is None else tuple(rows)
         self.step = 0
 
-    def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of the global batch of `step`, as numpy arrays."""
-        seqs = np.empty((stop - start, self.seq_len + 1), np.int64)
-        for i, row in enumerate(range(start, stop)):
+    def rows(self, step: int, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """`rows` of the global batch of `step`, as numpy arrays."""
+        seqs = np.empty((len(rows), self.seq_len + 1), np.int64)
+        for i, row in enumerate(rows):
             rng = np.random.default_rng([self.seed, step, row])
             a, d = rng.integers(self.vocab_size), rng.integers(1, MAX_STRIDE + 1)
             seqs[i] = (a + d * np.arange(self.seq_len + 1)) % self.vocab_size
-        n = stop - start
+        n = len(rows)
         return {
             "inputs": seqs[:, :-1].astype(np.int32),
             "targets": seqs[:, 1:].astype(np.int32),
@@ -43,9 +45,7 @@ class SyntheticSource:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        index, count = self.process
-        local = self.batch_size // count
-        batch = self.rows(self.step, index * local, (index + 1) * local)
+        batch = self.rows(self.step, self.own_rows)
         self.step += 1
         return batch
 
