@@ -67,24 +67,16 @@ def raw_disk(directory: Path, size: int) -> tuple[float, float, float]:
     return speeds[0], speeds[1], read
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/experiments/bench-cpu.yaml")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="timed train steps")
-    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    cfg = load_config(args.config, ["data.source=synthetic"])
-    step_time = statistics.median(s for _, s in time_steps(cfg, args.steps))
-
+def measure(cfg, repeats: int, step_time: float, directory: str | None = None) -> dict:
+    """The method above for cfg's train state, `repeats` times in a scratch directory under
+    `directory`, the blocking time compared with `step_time` seconds per train step."""
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    scratch = Path(tempfile.mkdtemp(prefix="maxgpt-ckpt-bench-", dir=args.dir))
+    scratch = Path(tempfile.mkdtemp(prefix="maxgpt-ckpt-bench-", dir=directory))
     blocking, save, restore, disk_write, disk_sync, disk_read = [], [], [], [], [], []
     with jax.set_mesh(trainer.mesh):
         state = init_state(trainer)
         size = sum(x.nbytes for x in jax.tree.leaves(state))
-        for i in range(args.repeats):
+        for i in range(repeats):
             checkpointer = Checkpointer(scratch / f"run{i}")
             start = time.perf_counter()
             checkpointer.save(1, state, {}, cfg, None)
@@ -118,6 +110,20 @@ def main() -> None:
     results["save_fraction_of_disk"] = results["save_mb_per_s"] / results["disk_write_mb_per_s"]
     results["restore_fraction_of_disk"] = (results["restore_mb_per_s"]
                                            / results["disk_read_mb_per_s"])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/experiments/bench-cpu.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps")
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config(args.config, ["data.source=synthetic"])
+    step_time = statistics.median(s for _, s in time_steps(cfg, args.steps))
+    results = measure(cfg, args.repeats, step_time, args.dir)
     if args.json:
         print(json.dumps(results))
         return

@@ -64,6 +64,25 @@ def time_steps(cfg, steps: int) -> list[tuple[float, float]]:
     return pairs
 
 
+def measure(cfg, steps: int) -> dict:
+    """The method above for `steps` timed steps of cfg on one device, as a dict."""
+    pairs = time_steps(cfg, steps)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    fractions = [fpt * tokens / seconds / peak for peak, seconds in pairs]
+    times = [seconds for _, seconds in pairs]
+    step, peak = statistics.median(times), statistics.median(p for p, _ in pairs)
+    return {
+        "params": count_params(cfg), "tokens_per_step": tokens,
+        "median_step_s": step, "min_step_s": min(times), "tokens_per_sec": tokens / step,
+        "flops_per_token": fpt, "achieved_flops": fpt * tokens / step,
+        "median_peak_flops": peak, "peaks": [p for p, _ in pairs], "step_times": times,
+        "fraction_of_peak": statistics.median(fractions), "fractions": fractions,
+        "device": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/experiments/bench-cpu.yaml")
@@ -72,25 +91,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, ["mesh.data=1", *args.overrides])
-
-    pairs = time_steps(cfg, args.steps)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-    fractions = [fpt * tokens / seconds / peak for peak, seconds in pairs]
-    times = [seconds for _, seconds in pairs]
-    step, peak = statistics.median(times), statistics.median(p for p, _ in pairs)
-    result = {
-        "config": args.config, "params": count_params(cfg), "tokens_per_step": tokens,
-        "median_step_s": step, "min_step_s": min(times), "tokens_per_sec": tokens / step,
-        "flops_per_token": fpt, "achieved_flops": fpt * tokens / step,
-        "median_peak_flops": peak, "peaks": [p for p, _ in pairs], "step_times": times,
-        "fraction_of_peak": statistics.median(fractions), "fractions": fractions,
-        "device": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
-    }
+    result = {"config": args.config, **measure(cfg, args.steps)}
     if args.json:
         print(json.dumps(result))
         return
+    tokens, step, peak = (result[k] for k in ("tokens_per_step", "median_step_s",
+                                              "median_peak_flops"))
+    times, fractions, fpt = (result[k] for k in ("step_times", "fractions", "flops_per_token"))
     print(f"{cfg.model.name}: {result['params']:,} params, {tokens} tokens/step on "
           f"{result['device']} (jax {jax.__version__})")
     print(f"  step time  median {step:.3f}s  min {min(times):.3f}s  over {len(times)} steps")

@@ -120,11 +120,20 @@ class TrainConfig:
     log_every: int
     microbatches: int  # gradient accumulation: the global batch is split into this many
     z_loss: float  # weight of the PaLM z-loss, mean(log(Z)^2); 0 turns it off
+    loss_chunk: int  # positions per piece of the cross-entropy; 0: auto (maxgpt/loss.py)
     moe_balance_loss: float  # weight of the Switch load-balancing loss (MoE models)
     moe_z_loss: float  # weight of the ST-MoE router z-loss (MoE models)
     eval_every: int  # held-out evaluation every this many steps (and at the end); 0: never
     eval_steps: int  # batches per evaluation, always the same ones
     max_bad_steps: int  # non-finite loss/gradient steps in a row (each skipped) before stopping
+    profile_steps: str  # "A:B": a jax.profiler trace of steps A..B into RUN_DIR/profile; "": none
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """(A, B) of `profile_steps`, 1-based and inclusive; None when off."""
+        if not self.profile_steps:
+            return None
+        a, b = (int(x) for x in self.profile_steps.split(":"))
+        return a, b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +361,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention_window must be >= 0, got {m.attention_window}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.profile_steps:
+        parts = str(t.profile_steps).split(":")
+        if (len(parts) != 2 or not all(x.strip().isdigit() for x in parts)
+                or not 1 <= int(parts[0]) <= int(parts[1])):
+            raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be A:B with "
+                              "1 <= A <= B (steps A to B, inclusive), or empty")
+    if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
+        raise ConfigError(f"train.loss_chunk={t.loss_chunk} must divide train.seq_len="
+                          f"{t.seq_len} (or be 0: automatic)")
     if t.batch_size % t.microbatches:
         raise ConfigError(
             f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}")

@@ -37,7 +37,9 @@ from maxgpt.generate import print_sample
 from maxgpt.flops import flops_per_token, peak_flops
 from maxgpt.metrics import MetricsWriter
 from maxgpt.model import Transformer
+from maxgpt.loss import chunk_size, token_losses
 from maxgpt.optim import learning_rate, make_optimizer
+from maxgpt.profiling import Profile
 from maxgpt.preemption import StopRequest
 
 
@@ -96,21 +98,21 @@ def active_params(cfg: Config) -> int:
 
 
 def loss_fn(params, graphdef, batch, dropout_key, z_loss: float, moe_balance: float = 0.0,
-            moe_z: float = 0.0):
+            moe_z: float = 0.0, loss_chunk: int = 0):
     """Summed token cross-entropy (plus z-loss and, for MoE models, the routing losses) over
     non-padding tokens; aux (summed nll, token count, MoE routing stats or {}).
 
     Sums, not means, so that microbatches add up exactly to the full batch: the routing
-    losses, means over tokens, enter weighted by the token count.
+    losses, means over tokens, enter weighted by the token count. The cross-entropy is taken
+    `loss_chunk` positions at a time (maxgpt/loss.py).
     """
     model = nnx.merge(graphdef, params)
-    logits, moe = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                dropout_key)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    hidden, moe = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                               dropout_key)
     weights = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is padding
-    nll = ((log_z - target_logit) * weights).sum()
-    objective = nll + z_loss * (jnp.square(log_z) * weights).sum()
+    nll, z_sum = token_losses(model.logits, hidden, batch["targets"], weights,
+                              chunk_size(loss_chunk, batch["targets"].shape[1]))
+    objective = nll + z_loss * z_sum
     if moe:
         objective += weights.sum() * (moe_balance * moe["balance_loss"] + moe_z * moe["z_loss"])
     return objective, (nll, weights.sum(), moe)
@@ -145,7 +147,7 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
         mb_key = None if key is None else jax.random.fold_in(key, index)
         (_, (mb_nll, mb_tokens, moe)), mb_grads = grad_fn(
             params, graphdef, mb, mb_key, cfg.train.z_loss, cfg.train.moe_balance_loss,
-            cfg.train.moe_z_loss)
+            cfg.train.moe_z_loss, cfg.train.loss_chunk)
         carry = (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, tokens + mb_tokens)
         return carry, moe
 
@@ -177,9 +179,9 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef):
+def eval_step(params, batch, *, graphdef, loss_chunk: int = 0):
     """Summed nll, token count and target UTF-8 bytes of one batch, no dropout."""
-    _, (nll, tokens, _) = loss_fn(params, graphdef, batch, None, 0.0)
+    _, (nll, tokens, _) = loss_fn(params, graphdef, batch, None, 0.0, loss_chunk=loss_chunk)
     return nll, tokens, jnp.where(batch["segment_ids"] > 0, batch["target_bytes"], 0).sum()
 
 
@@ -211,11 +213,11 @@ def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
                 "skipped_steps": replicated, "bad_in_a_row": replicated}
     batch_sh = sharding.batch_sharding(mesh)
     step = jax.jit(
-        lambda state, batch: train_step(state, batch, graphdef=graphdef,
-                                        optimizer=optimizer, cfg=cfg),
+        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, cfg=cfg),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
         donate_argnums=0)
-    evaluate = jax.jit(lambda params, batch: eval_step(params, batch, graphdef=graphdef),
+    evaluate = jax.jit(lambda params, batch: eval_step(params, batch, graphdef=graphdef,
+                                                       loss_chunk=cfg.train.loss_chunk),
                        in_shardings=(param_sh, batch_sh), out_shardings=replicated)
     return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, step, evaluate)
 
@@ -407,9 +409,13 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
         byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
         history, previous, stopped, done = [], None, False, first
         last_time, last_step = time.perf_counter(), first
+        profile = Profile(cfg.train.profile_range(), run_dir, writer)
+        stack.callback(profile.stop)
         for step in range(first, cfg.train.steps):
+            profile.before(step + 1)
             state, metrics = compiled(state, trainer.global_batch(next(source)))
             done = step + 1
+            profile.after(done, metrics)
             # The previous step's verdict, read while this one runs: no stall per step.
             _check_bad_steps(previous, cfg, done - 1)
             previous = metrics

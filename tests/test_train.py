@@ -110,6 +110,58 @@ def test_loss_ignores_padding_and_adds_z_loss():
                                nll, rtol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])  # untied and tied output layer
+def test_cross_entropy_in_pieces_equals_the_whole_sequence(preset):
+    """loss_chunk=4 of 16 positions: the same objective, nll and gradients (z-loss and
+    padding included) as the logits of the whole sequence at once."""
+    cfg = make_config(preset, *BASE)
+    graphdef, _ = train.abstract_model(cfg)
+    state = train.init_state(train.build_trainer(cfg, train.sharding.make_mesh(
+        cfg.mesh, jax.devices()[:1])))
+    rng = np.random.default_rng(1)
+    batch = {"inputs": rng.integers(0, 256, (2, 16)), "targets": rng.integers(0, 256, (2, 16)),
+             "positions": np.tile(np.arange(16), (2, 1)),
+             "segment_ids": np.array([[1] * 16, [1] * 6 + [2] * 5 + [0] * 5])}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+    def objective(chunk):
+        grad = jax.jit(jax.grad(lambda p: train.loss_fn(p, graphdef, batch, None, 1e-2,
+                                                        loss_chunk=chunk), has_aux=True))
+        return grad(state["params"])
+
+    whole, (nll, tokens, _) = objective(16)
+    pieces, (nll_pieces, tokens_pieces, _) = objective(4)
+    assert tokens == tokens_pieces == 27
+    np.testing.assert_allclose(nll_pieces, nll, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 pieces, whole)
+
+
+def test_cross_entropy_in_pieces_never_holds_the_whole_logits():
+    """XLA's own accounting of the compiled train step: with 64-position pieces the
+    temporaries shrink by more than the (B, T, V) fp32 logits and their gradient would take
+    (one piece's still exist), and training gives the same losses."""
+    shape = ("model.vocab_size=8192", "train.seq_len=256", "model.max_seq_len=256",
+             "mesh.data=1")
+
+    def temporaries(*extra):
+        cfg = make_config("tiny", *BASE, *shape, *extra)
+        trainer = train.build_trainer(cfg, train.sharding.make_mesh(cfg.mesh,
+                                                                   jax.devices()[:1]))
+        with jax.set_mesh(trainer.mesh):
+            compiled = trainer.step_fn.lower(train.abstract_state(trainer),
+                                             train._abstract_batch(trainer)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits = 8 * 256 * 8192 * 4
+    whole, pieces = temporaries("train.loss_chunk=256"), temporaries("train.loss_chunk=64")
+    assert whole - pieces > 1.5 * logits * (1 - 64 / 256), (whole, pieces)
+    devices = jax.devices()[:1]
+    np.testing.assert_allclose(run(*shape, "train.loss_chunk=64", devices=devices)[0],
+                               run(*shape, "train.loss_chunk=256", devices=devices)[0],
+                               rtol=2e-5)
+
+
 def test_weight_decay_skips_norms_and_biases():
     cfg = make_config("tiny-gpt2")
     _, params = train.abstract_model(cfg)
@@ -195,3 +247,20 @@ def test_resumed_run_sees_exactly_the_batches_of_a_straight_run(tmp_path):
     with pytest.raises(ConfigError, match="streams: 1 then, 2 now"):
         train.run(restreamed, tmp_path / "resumed", echo=False)
     assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_profile_steps_trace_exactly_those_steps(tmp_path):
+    """profile_steps=2:3 of 5: a trace in which the train step runs twice (each call shows
+    as a Python event with a nested one: count the outermost)."""
+    cfg = make_config("tiny", *BASE, "mesh.data=1", "train.profile_steps=2:3")
+    train.run(cfg, tmp_path / "run", devices=jax.devices()[:1], echo=False)
+    traces = list((tmp_path / "run/profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1
+    calls = sorted((e.start_ns, e.start_ns + e.duration_ns)
+                   for plane in jax.profiler.ProfileData.from_file(str(traces[0])).planes
+                   for line in plane.lines for e in line.events if "train_step" in e.name)
+    outermost, end = 0, float("-inf")
+    for start, stop in calls:
+        if start >= end:
+            outermost, end = outermost + 1, stop
+    assert outermost == 2

@@ -143,6 +143,13 @@ class Transformer(nnx.Module):
     def forward(self, tokens, positions=None, segment_ids=None, dropout_key=None):
         """As __call__, returning (logits, moe_stats): the MoE layers' routing statistics
         (model/moe.py) averaged over those layers, {} for a dense model."""
+        x, stats = self.hidden(tokens, positions, segment_ids, dropout_key)
+        return self.logits(x), stats
+
+    def hidden(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+        """The last block's output (B, T, D), before the final norm, and the MoE statistics:
+        `logits(hidden)` is `forward`, and a loss can apply `logits` a piece at a time
+        (maxgpt/loss.py) so that the (B, T, V) logits never exist whole."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -150,9 +157,8 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, k_embed)
-        x, stats = self._run_blocks(x, attention_mask(segment_ids), positions, segment_ids > 0,
-                                    k_layers)
-        return self._logits(x), stats
+        return self._run_blocks(x, attention_mask(segment_ids), positions, segment_ids > 0,
+                                k_layers)
 
     def decode(self, tokens, positions, cache):
         """The forward pass with a kv cache (generation): tokens, positions (B, T), written at
@@ -178,7 +184,7 @@ class Transformer(nnx.Module):
             layer, x, (jnp.asarray(self.windows, jnp.int32), cache["k"], cache["v"]))
         # n positions of (G, ...) -> (G, n, ...) -> layers in order (L, ...)
         k, v = (jnp.stack(a, axis=1).reshape(cache["k"].shape) for a in zip(*outputs))
-        return self._logits(x), {"k": k, "v": v, "positions": key_positions,
+        return self.logits(x), {"k": k, "v": v, "positions": key_positions,
                                  "start": cache["start"] + T}
 
     def _embed(self, tokens, positions, dropout_key):
@@ -187,7 +193,8 @@ class Transformer(nnx.Module):
             x = x + lookup(self.pos_embed[...], positions, "position").astype(self.dtype)
         return constrain(dropout(x, self.dropout, dropout_key), ("batch", "seq", "embed"))
 
-    def _logits(self, x):
+    def logits(self, x):
+        """Final norm and output projection of hidden states (..., D) -> fp32 (..., V)."""
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is None:  # tied: logits against the input embedding table

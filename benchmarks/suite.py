@@ -1,0 +1,349 @@
+"""The benchmark suite: every benchmark of this directory in one run, printed as a table and
+written into docs/benchmarks.md (between the suite markers) and benchmarks/results/.
+
+    python benchmarks/suite.py [--quick] [--only train,memory,...] [--no-write]
+
+Sections, in order: train, memory, compile, data, checkpoint, decode (this machine, one
+device), maxtext (MaxText's training loop at the same shape, when MAXTEXT_PYTHON names a
+python that imports maxtext: see maxtext_side.py) and aot (per-device memory of llama3-8b
+compiled for a v5p-8 slice, maxgpt's and MaxText's). Each reuses its benchmark script's
+measuring function; a section that fails is reported as "not run: <reason>". `--quick` takes
+fewer repeats; `--no-write` leaves the docs and results/ alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+
+import checkpoint_io  # benchmarks/ is on sys.path when run as a script
+import decode_throughput
+import train_throughput
+from data_throughput import pipeline_tokens_per_sec
+from maxgpt import sharding
+from maxgpt.compile import compile_for
+from maxgpt.config import load_config
+from maxgpt.data.pipeline import resolve_corpus
+from maxgpt.train import _abstract_batch, abstract_state, build_trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC, RESULTS = ROOT / "docs" / "benchmarks.md", ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
+BENCH = "configs/experiments/bench-cpu.yaml"
+MEMORY = {"bench-cpu": (BENCH, []),  # configs whose compiled train step's memory is reported
+          "tiny": ("configs/models/tiny.yaml", ["train.batch_size=8", "train.seq_len=256"]),
+          "gpt2-small": ("configs/models/gpt2-small.yaml",
+                         ["train.batch_size=2", "train.seq_len=1024"])}
+LLAMA = ["mesh.data=1", "mesh.fsdp=-1", "train.batch_size=4", "train.seq_len=8192",
+         "model.remat=full"]  # 1 x 8192 per chip of v5p-8, as MaxText's per_device_batch=1
+
+
+def machine() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = dict(re.findall(r"^(model name|cpu family|model)\s*:\s*(.*)$", info, re.M))
+    name = field.get("model name", platform.processor() or platform.machine())
+    if "model" in field:
+        name += f" (family {field.get('cpu family')} model {field['model']})"
+    return f"{name}, {os.cpu_count()} cores, JAX device {jax.devices()[0].device_kind}"
+
+
+def versions() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    found = {"python": platform.python_version()}
+    found |= {name: importlib.metadata.version(name)
+              for name in ("jax", "jaxlib", "flax", "orbax-checkpoint", "grain")}
+    dirty = "-dirty" if git("status", "--porcelain") else ""
+    found["maxgpt"] = git("rev-parse", "--short", "HEAD") + dirty
+    return found
+
+
+def shape(m, rows: str) -> str:
+    return (f"{m.name}: {m.num_layers} layers, width {m.embed_dim}, heads {m.num_heads}/"
+            f"{m.num_kv_heads}, MLP {m.mlp_dim}, vocab {m.vocab_size}, {m.dtype}; {rows}")
+
+
+def train_shape(cfg) -> str:
+    return shape(cfg.model, f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, "
+                            f"remat {cfg.model.remat}")
+
+
+def row(case: str, shape: str, result: str, **data) -> dict:
+    return {"case": case, "shape": shape, "result": result, "data": data}
+
+
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_row(case: str, shape: str, arguments: int, outputs: int, aliased: int,
+               temporaries: int, extra: str = "", **data) -> dict:
+    """arguments + outputs - aliased + temporaries: MaxText's "total estimated memory"."""
+    total = arguments + outputs - aliased + temporaries
+    return row(case, shape, f"{size(total)}: arguments {size(arguments)}, outputs "
+               f"{size(outputs)} ({size(aliased)} aliased), temporaries {size(temporaries)}"
+               + extra, total_bytes=total, argument_bytes=arguments, output_bytes=outputs,
+               alias_bytes=aliased, temp_bytes=temporaries, **data)
+
+
+def compile_step(cfg):
+    """(lowering s, compile s, memory analysis) of cfg's train step for one device, from
+    abstract state and batch: nothing is allocated."""
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    state, batch = abstract_state(trainer), _abstract_batch(trainer)
+    with jax.set_mesh(trainer.mesh):
+        start = time.perf_counter()
+        lowered = trainer.step_fn.lower(state, batch)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+    return lowered_at - start, time.perf_counter() - lowered_at, compiled.memory_analysis()
+
+
+def trainer_step_s(ctx: dict, steps: int) -> float:
+    """The train section's median step of the benchmark shape, or `steps` steps timed now."""
+    if "step_s" not in ctx:
+        cfg = load_config(BENCH, ["mesh.data=1"])
+        ctx["step_s"] = statistics.median(s for _, s in train_throughput.time_steps(cfg, steps))
+    return ctx["step_s"]
+
+
+def train(quick: bool, ctx: dict):
+    cfg = load_config(BENCH, ["mesh.data=1"])
+    r = train_throughput.measure(cfg, 3 if quick else 12)
+    ctx["step_s"] = r["median_step_s"]
+    return [row("bench-cpu", train_shape(cfg),
+                f"{r['tokens_per_sec']:,.0f} tokens/s, step {r['median_step_s']:.2f} s, "
+                f"{r['fraction_of_peak']:.1%} of a {r['median_peak_flops'] / 1e9:.0f} GFLOP/s "
+                f"peak", **r)], (
+        f"train_throughput.py: train step compiled ahead of time, 2 warm-up steps, then "
+        f"{len(r['step_times'])} times the fp32 2048^3 matmul peak (median of 5) followed by "
+        f"one timed step; tokens/s from the median step; fraction of peak = median over steps "
+        f"of maxgpt/flops.py's FLOPs per step / step time / the adjacent peak. Synthetic data.")
+
+
+def memory(quick: bool, ctx: dict):
+    rows = []
+    for name, (path, overrides) in MEMORY.items():
+        cfg = load_config(path, ["mesh.data=1", *overrides])
+        _, _, m = compile_step(cfg)
+        rows.append(memory_row(name, train_shape(cfg), m.argument_size_in_bytes,
+                               m.output_size_in_bytes, m.alias_size_in_bytes,
+                               m.temp_size_in_bytes))
+    return rows, ("XLA's memory analysis of the train step compiled for one CPU device from "
+                  "abstract state (`step_fn.lower(...).compile().memory_analysis()`); total = "
+                  "arguments + outputs - outputs aliased to the donated state + temporaries.")
+
+
+def compile_time(quick: bool, ctx: dict):
+    rows = []
+    for depth in (2, 4, 8, 16):
+        cfg = load_config(BENCH, ["mesh.data=1", f"model.num_layers={depth}"])
+        lower_s, compile_s, m = compile_step(cfg)
+        rows.append(row(f"{depth} layers", train_shape(cfg),
+                        f"lower {lower_s:.1f} s + compile {compile_s:.1f} s, temporaries "
+                        f"{size(m.temp_size_in_bytes)}", lower_s=lower_s, compile_s=compile_s,
+                        temp_bytes=m.temp_size_in_bytes))
+    return rows, ("Wall time of `step_fn.lower` (trace + StableHLO) and of `.compile()` (XLA:CPU) "
+                  "from abstract state, once per depth in one process; the layers are one "
+                  "`lax.scan`, so the compiled program does not grow with depth.")
+
+
+def data(quick: bool, ctx: dict):
+    cfg = load_config(BENCH, ["data.source=builtin"])
+    resolve_corpus(cfg)  # corpus and tokenizer prepared outside the timings
+    n_batches, tokens = 50 if quick else 200, cfg.train.batch_size * cfg.train.seq_len
+    trainer_rate = tokens / trainer_step_s(ctx, 1 if quick else 3)
+    rows = []
+    for workers in (0, 1) if quick else (0, 1, 2):
+        first, rate = pipeline_tokens_per_sec(cfg, workers, n_batches)
+        rows.append(row(f"{workers} worker processes", shape(cfg.model, f"rows of "
+                        f"{cfg.train.seq_len}, batch {cfg.train.batch_size}"),
+                        f"{rate:,.0f} tokens/s ({rate / trainer_rate:,.0f}x the trainer's "
+                        f"{trainer_rate:,.0f}), first batch {first:.1f} s",
+                        tokens_per_sec=rate, first_batch_s=first,
+                        trainer_tokens_per_sec=trainer_rate))
+    return rows, (f"data_throughput.py: a fresh training iterator over the built-in corpus "
+                  f"(shuffle, tokenise with the shape's 32k BPE, pack, batch, prefetch); the "
+                  f"first batch timed alone, then {n_batches} batches as real tokens/s; the "
+                  f"trainer's tokens/s is the train section's median step.")
+
+
+def checkpoint(quick: bool, ctx: dict):
+    cfg = load_config(BENCH, ["data.source=synthetic"])
+    r = checkpoint_io.measure(cfg, 1 if quick else 3, trainer_step_s(ctx, 1 if quick else 3))
+    where = shape(cfg.model, f"AdamW state, {r['state_mb']:,.0f} MB")
+    return [row("save", where, f"blocks {r['save_blocking_s']:.3f} s "
+                f"({r['save_blocking_fraction_of_step']:.1%} of a step), "
+                f"{r['save_mb_per_s']:,.0f} MB/s = {r['save_fraction_of_disk']:.0%} of raw "
+                f"write {r['disk_write_mb_per_s']:,.0f} MB/s", **r),
+            row("restore", where, f"{r['restore_mb_per_s']:,.0f} MB/s = "
+                f"{r['restore_fraction_of_disk']:.0%} of raw read "
+                f"{r['disk_read_mb_per_s']:,.0f} MB/s", **r)], (
+        "checkpoint_io.py: the state saved with maxgpt's Checkpointer into a temp dir (medians "
+        "of repeats): time until save returns, bytes / time until committed, bytes / restore "
+        "time; raw disk = the same bytes with 64 MiB writes (no fsync, as orbax) and read back.")
+
+
+def decode(quick: bool, ctx: dict):
+    r = decode_throughput.measure(1 if quick else 3, no_cache=False)
+    rows = []
+    for name, path in decode_throughput.SHAPES.items():
+        m = load_config(path).model
+        for batch in (1, 8):
+            rate = r[f"{name}_batch{batch}_cache_tokens_per_sec"]
+            rows.append(row(f"{name}, batch {batch}", shape(m, f"batch {batch}, prompt "
+                            f"{decode_throughput.PROMPT} + {decode_throughput.NEW} new"),
+                            f"{rate:,.0f} new tokens/s", tokens_per_sec=rate))
+    return rows, ("decode_throughput.py: maxgpt.generate with the KV cache (prefill + a "
+                  "lax.while_loop of decode steps in one jitted call), random weights, greedy, "
+                  "timed after a compiling run, prefill included; median of repeats.")
+
+
+def maxtext_side():
+    """(the maxtext_side module, MaxText's python, its version); RuntimeError if unusable."""
+    try:
+        import maxtext_side as side
+    except ImportError as e:
+        raise RuntimeError(f"benchmarks/maxtext_side.py: {e}") from e
+    python = side.maxtext_python()
+    if python is None:
+        raise RuntimeError("MAXTEXT_PYTHON is unset or its python cannot import maxtext")
+    version = subprocess.run([python, "-c", "import importlib.metadata as m; "
+                              "print(m.version('maxtext'))"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    return side, python, version
+
+
+def maxtext(quick: bool, ctx: dict):
+    side, python, version = maxtext_side()
+    cfg = load_config(BENCH, ["mesh.data=1"])
+    m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
+    spec = {"vocab_size": m.vocab_size, "embed_dim": m.embed_dim, "num_layers": m.num_layers,
+            "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "mlp_dim": m.mlp_dim,
+            "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+            "dtype": "float32", "remat": "none"}
+    rounds, steps = (1, 2) if quick else (3, 3)
+    one_step, ours, theirs = train_throughput.step_timer(cfg), [], []
+    for _ in range(rounds):
+        ours += [one_step() for _ in range(steps)]
+        info = side.train_step_times(python, spec, steps)
+        theirs += info["step_seconds"]
+    mine, other = statistics.median(ours), statistics.median(theirs)
+    return [row("maxgpt", train_shape(cfg), f"step {mine:.2f} s, {tokens / mine:,.0f} "
+                f"tokens/s = {other / mine:.2f}x MaxText's", step_seconds=ours),
+            row(f"MaxText {version}", train_shape(cfg), f"step {other:.2f} s, "
+                f"{tokens / other:,.0f} tokens/s", step_seconds=theirs, command=info["command"],
+                versions={"maxtext": version})], (
+        f"{rounds} rounds of: {steps} timed steps of maxgpt's compiled, warmed-up step "
+        f"(train_throughput.step_timer), then MaxText's own training loop at the same shape "
+        f"(maxtext_side.train_step_times: llama2 decoder, fp32, AdamW, synthetic data, layers "
+        f"unrolled, its first steps dropped) for {steps} logged steps; medians of all steps.")
+
+
+def aot(quick: bool, ctx: dict):
+    cfg = load_config("configs/models/llama3-8b.yaml", LLAMA)
+    r = compile_for(cfg, "v5p-8")
+    where = train_shape(cfg) + ", v5p-8 (4 chips), FSDP 4"
+    rows = [memory_row("maxgpt", where, r.argument_bytes, r.output_bytes, r.alias_bytes,
+                       r.temp_bytes, f"; compile {r.compile_s:.0f} s", compile_s=r.compile_s,
+                       command=["maxgpt", "compile", "--config", "configs/models/llama3-8b.yaml",
+                                "--topology", "v5p-8", *LLAMA])]
+    try:
+        side, python, version = maxtext_side()
+        t = side.aot_memory(python, "llama3-8b", "v5p-8", per_device_batch=1, seq_len=8192,
+                            remat="full", attention="dot_product")
+        rows.append(memory_row(f"MaxText {version}", where, t["arguments"], t["outputs"],
+                               t["aliased"], t["temporaries"], f"; process "
+                               f"{t['compile_seconds']:.0f} s", versions={"maxtext": version},
+                               compile_s=t["compile_seconds"], command=t["command"]))
+    except Exception as e:  # MaxText is optional: say why it did not run, keep maxgpt's row
+        rows.append(not_run("MaxText", e))
+    return rows, ("Per-device memory of the train step compiled ahead of time for a v5p-8 "
+                  "slice through libtpu (no TPU): maxgpt.compile.compile_for (`maxgpt compile`) "
+                  "and MaxText's train_compile (maxtext_side.aot_memory: llama3-8b preset, "
+                  "dot_product attention, full remat, bf16 compute, fp32 weights and AdamW "
+                  "state, FSDP over the 4 chips). maxgpt's compile time is XLA's alone; "
+                  "MaxText's is its whole process.")
+
+
+def not_run(case: str, error: Exception) -> dict:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return row(case, "", f"not run: {reason}", error=f"{type(error).__name__}: {error}")
+
+
+SECTIONS = {"train": train, "memory": memory, "compile": compile_time, "data": data,
+            "checkpoint": checkpoint, "decode": decode, "maxtext": maxtext, "aot": aot}
+
+
+def markdown(rows: list[dict], methods: dict, header: str) -> str:
+    lines = [header, "", "| section | case | shape | result |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(r[k].replace("|", "/") for k in ("section", "case", "shape",
+                                                                 "result")) + " |"
+              for r in rows]
+    lines += ["", "Methods:", ""] + [f"- **{name}**: {text}" for name, text in methods.items()]
+    return "\n".join(lines)
+
+
+def write_doc(block: str) -> None:
+    text, block = DOC.read_text(), f"{BEGIN}\n{block}\n{END}"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:  # a new section before the first hand-written one
+        at = text.index("\n## ") + 1
+        text = text[:at] + "## Suite\n\n" + block + "\n\n" + text[at:]
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections of: {', '.join(SECTIONS)}")
+    parser.add_argument("--no-write", action="store_true",
+                        help="do not write docs/benchmarks.md and benchmarks/results/")
+    args = parser.parse_args()
+    names = args.only.split(",")
+    if unknown := set(names) - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    os.chdir(ROOT)  # config paths are relative to the repository
+    where, found, start = machine(), versions(), time.perf_counter()
+    rows, methods, ctx = [], {}, {}
+    for name in (n for n in SECTIONS if n in names):  # in suite order
+        print(f"[suite] {name} ...", flush=True)
+        try:
+            section_rows, methods[name] = SECTIONS[name](args.quick, ctx)
+        except Exception as e:  # one failing section must not lose the others
+            section_rows, methods[name] = [not_run(name, e)], "not run"
+        for r in section_rows:
+            rows.append({"section": name, **r, "method": methods[name], "machine": where,
+                         "versions": found | r["data"].pop("versions", {})})
+    minutes, today = (time.perf_counter() - start) / 60, datetime.date.today().isoformat()
+    header = (f"`python benchmarks/suite.py{' --quick' if args.quick else ''}`, {today}, "
+              f"{minutes:.1f} min. Machine: {where}. Versions: "
+              + ", ".join(f"{k} {v}" for k, v in found.items()) + ".")
+    block = markdown(rows, methods, header)
+    print(block)
+    if not args.no_write:
+        write_doc(block)
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"suite-{today}.json"
+        out.write_text(json.dumps({"minutes": minutes, "quick": args.quick, "rows": rows},
+                                  indent=1, default=str))
+        print(f"[suite] wrote {DOC.relative_to(ROOT)} and {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
