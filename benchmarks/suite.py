@@ -22,6 +22,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def maxtext(quick: bool, ctx: dict):
             "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "mlp_dim": m.mlp_dim,
             "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
             "dtype": "float32", "remat": "none"}
-    rounds, steps = (1, 2) if quick else (3, 3)
+    rounds, steps = (1, 2) if quick else (2, 3)
     one_step, ours, theirs = train_throughput.step_timer(cfg), [], []
     for _ in range(rounds):
         ours += [one_step() for _ in range(steps)]
@@ -279,8 +280,11 @@ def aot(quick: bool, ctx: dict):
 
 
 def not_run(case: str, error: Exception) -> dict:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return row(case, "", f"not run: {reason}", error=f"{type(error).__name__}: {error}")
+    """A row saying why: the error's first and last lines (the full text goes to stderr)."""
+    print(f"[suite] {case} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
+    return row(case, "", f"not run: {reason[:300]}", error=f"{type(error).__name__}: {error}")
 
 
 SECTIONS = {"train": train, "memory": memory, "compile": compile_time, "data": data,

@@ -57,6 +57,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"]  # compute dtype
     param_dtype: Literal["float32", "bfloat16"]  # master weights
     remat: Literal["none", "dots", "full"]
+    attention: Literal["auto", "xla", "splash", "cudnn"]  # kernel (model/attention.py)
     init_std: float
     # Mixture of experts (docs/models.md): 0 experts is a dense model.
     num_experts: int  # routed experts per MoE layer, each an MLP of width mlp_dim

@@ -67,3 +67,21 @@ def test_plan_finds_a_mesh_that_fits(capsys):
     assert out["mesh"] == {"fsdp": 8, "tensor": 1}  # the first candidate fits: a ~60M model
     assert 0 < out["bytes_per_device"] < 16 * 2**30
     assert out["model_params"] == pytest.approx(out["params"], rel=0.1)
+
+
+def test_splash_attention_compiles_for_tpu_without_the_score_matrix(capsys):
+    """model.attention=auto is the Pallas splash kernel on TPU: the train step compiles
+    for v5e-8, also with alternating full and banded layers (one kernel per window), and
+    needs a fraction of the XLA attention's memory, which holds (B, N, T, T) scores."""
+    shape = ("--config", "configs/models/tiny.yaml", "--topology", "v5e-8", "mesh.data=1",
+             "mesh.fsdp=-1", "train.batch_size=8", "train.seq_len=2048",
+             "model.max_seq_len=2048")
+    code, splash = compile_json(capsys, *shape)
+    assert code == 0
+    code, xla = compile_json(capsys, *shape, "model.attention=xla")
+    assert code == 0
+    scores = 8 * 4 * 2048 * 2048 * 4 / 8  # one layer's fp32 scores, per device
+    assert xla["bytes_per_device"] - splash["bytes_per_device"] > scores, (xla, splash)
+    code, banded = compile_json(capsys, *shape, "model.attention_window=512",
+                                "model.window_pattern=alternate", "model.num_layers=4")
+    assert code == 0 and banded["fits"]

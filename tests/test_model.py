@@ -1,15 +1,18 @@
 """The decoder against naive float64 references (tests/reference.py)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from maxgpt.model import Transformer
-from maxgpt.model.attention import (CPU_QUERY_BLOCK, Attention, attention_mask,
+from maxgpt.model import Transformer, attention
+from maxgpt.model.attention import (CPU_QUERY_BLOCK, Attention, Mask, attention_mask,
                                     causal_attention, window_mask)
 from maxgpt.model.layers import MLP, Norm, matmul, rope
+from maxgpt.sharding import make_mesh
 from tests import reference as ref
 from tests.conftest import make_config
 
@@ -98,7 +101,7 @@ def test_attention_matches_naive(kv_heads, bias):
     tokens, positions, segments = packed_batch()
     x = np.random.default_rng(2).normal(size=(*tokens.shape, cfg.embed_dim)).astype(np.float32)
     mask = ref.explicit_mask(segments, window=4)
-    got = attn(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(positions))
+    got = attn(jnp.asarray(x), Mask(jnp.asarray(segments), 4), jnp.asarray(positions))
     close(got, ref.attention(p, ref.f64(x), mask, positions, cfg))
 
 
@@ -147,7 +150,7 @@ def test_scan_equals_unrolled_loop(variant):
     graphdef, stacked = nnx.split(model.blocks)
     for i, window in enumerate(cfg.layer_windows()):
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
-        x, _, _ = block(x, window_mask(attention_mask(segments), window), positions)
+        x, _, _ = block(x, Mask(segments, window), positions)
     if model.final_norm is not None:
         x = model.final_norm(x)
     head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
@@ -237,3 +240,48 @@ def test_padded_vocabulary_rows_are_never_predicted():
     close(logits[..., :200], ref.forward(unpadded, tokens, cfg, positions, segments), 5e-4)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
     assert probs[..., 200:].max() == 0.0
+
+
+@pytest.mark.parametrize("variant, mesh", [
+    ("llama-gqa", None), ("mqa", None), ("gpt3-banded", None),
+    ("llama-gqa", ("mesh.data=2", "mesh.tensor=2")),  # heads and kv heads split over tensor
+    ("mqa", ("mesh.data=2", "mesh.tensor=2")),  # one kv head: heads kept whole per device
+])
+def test_splash_kernel_equals_xla_attention(variant, mesh, monkeypatch):
+    """The Pallas splash kernel (Pallas's interpret mode on CPU, the TPU kernel's code) in
+    the whole model, 128-token blocks over 256 tokens: logits equal the XLA path with packed
+    documents, padding, GQA/MQA and alternating windows that cross blocks; gradients too."""
+    monkeypatch.setattr(attention, "SPLASH_BLOCK", 128)
+    T = 256
+    overrides = (*VARIANTS[variant][1:], f"model.max_seq_len={T}")
+    if variant == "gpt3-banded":
+        overrides += ("model.attention_window=150",)
+    run_cfg = make_config(VARIANTS[variant][0], *overrides, *(mesh or ("mesh.data=1",)),
+                          "model.attention=xla")
+    xla_cfg = run_cfg.model
+    splash_cfg = dataclasses.replace(xla_cfg, attention="splash")
+    xla_model, _ = randomized(Transformer(xla_cfg, nnx.Rngs(0)), std=0.1)
+    splash_model = Transformer(splash_cfg, nnx.Rngs(1))
+    nnx.update(splash_model, nnx.state(xla_model))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, xla_cfg.vocab_size, (2, T)), jnp.int32)
+    segments = np.ones((2, T), np.int32)
+    segments[1] = [1] * 100 + [2] * 90 + [0] * 66  # two documents, then padding
+    positions = np.stack([np.arange(T), [*range(100), *range(90), *range(66)]])
+    segments, positions = jnp.asarray(segments), jnp.asarray(positions, jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(2, T, xla_cfg.padded_vocab_size)), jnp.float32)
+
+    def value_and_grad(model):
+        graphdef, params = nnx.split(model)
+        fn = jax.value_and_grad(lambda p: (nnx.merge(graphdef, p)(tokens, positions, segments)
+                                           * weights * (segments > 0)[..., None]).sum())
+        if mesh is None:
+            return jax.jit(fn)(params)
+        with jax.set_mesh(make_mesh(run_cfg.mesh, jax.devices()[:4])):
+            return jax.jit(fn)(params)
+
+    (got, got_grads), (want, want_grads) = value_and_grad(splash_model), value_and_grad(
+        xla_model)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 got_grads, want_grads)

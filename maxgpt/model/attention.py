@@ -7,21 +7,48 @@ One code path for every variant:
 - which keys a query may see is one boolean mask: causal, same packed document (segment
   ids), and, for windowed layers, at most `window - 1` tokens back (Mistral's sliding window;
   GPT-3's locally banded layers use the same band on alternate layers);
-- the softmax(QK^T)V itself is `jax.nn.dot_product_attention`. With `implementation=None`
-  jax 0.10 always runs its XLA implementation; cuDNN flash attention on GPU needs
-  `implementation="cudnn"`, bf16/fp16 inputs and the mask given as `is_causal` +
-  `local_window_size` (+ segments as a bias), and is not wired yet: it needs a GPU to test.
+- the softmax(QK^T)V itself is one of three kernels (`model.attention`):
+  - `xla`: `jax.nn.dot_product_attention`'s XLA implementation with the (B, T, T) mask; it
+    materialises the scores. On CPU, causal blocks of 128 queries skip most of the masked
+    triangle (measured in docs/benchmarks.md).
+  - `splash`: the Pallas TPU splash attention kernel (flash attention that skips masked
+    blocks), with segment ids and the causal or sliding-window mask; no T x T array ever
+    exists. Run per device under `shard_map` (batch over the data axes, heads over
+    `tensor`), one kernel call per kv head with its query heads. On CPU it runs in Pallas's
+    interpret mode, slowly, which is how the tests check it against `xla`.
+  - `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention(implementation=
+    "cudnn")`, bf16/fp16 only, causal and window given to cuDNN, documents as a mask.
+    Not run here (no GPU): opt-in only.
+  `auto` (the default) is `splash` on TPU (sequence a multiple of 128) and `xla` elsewhere.
+  A model with both full and banded layers (GPT-3) scans a traced per-layer window; the
+  kernels need it static, so they switch between one kernel per distinct window.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import matmul, normal, rope, zeros
-from maxgpt.sharding import constrain, param, platform
+from maxgpt.sharding import constrain, logical_to_spec, param, platform
+
+
+class Mask(NamedTuple):
+    """What a query may see while training: causal, within its packed document (segment
+    ids, (B, T)), and fewer than `window` tokens back (this layer's window; 0: no limit)."""
+
+    segment_ids: jax.Array
+    window: jax.Array | int = 0
+
+    def dense(self) -> jax.Array:
+        """The (B, T, T) boolean mask."""
+        return window_mask(attention_mask(self.segment_ids), self.window)
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -58,11 +85,94 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+SPLASH_BLOCK = 512  # query and key block of the splash kernel (or the sequence, if shorter)
+
+
+def _splash_kernel(seq_len: int, group: int, window: int, block: int, interpret: bool):
+    """The splash kernel for `group` query heads sharing one kv head (MQA form), causal
+    and, for window W > 0, fewer than W tokens back. Built in every trace that uses it:
+    its block-mask tables become constants of that trace (a kernel kept across traces would
+    carry one trace's values into the next); jax caches the host-side mask processing."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    shape = (seq_len, seq_len)
+    mask = sa.CausalMask(shape) if window <= 0 else sa.LocalMask(shape, (window - 1, 0), 0)
+    b = min(block, seq_len)
+    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return sa.make_splash_mqa(sa.MultiHeadMask([mask] * group), block_sizes=blocks,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _per_window(mask: Mask, windows: tuple[int, ...], fn):
+    """fn(window) for this layer's window, which may be traced (a scanned layer stack with
+    several distinct windows): then a switch over one branch per static window."""
+    if len(windows) == 1:
+        return fn(windows[0])
+    index = jnp.searchsorted(jnp.asarray(windows), mask.window)
+    return jax.lax.switch(index, [functools.partial(fn, w) for w in windows])
+
+
+def splash_attention(q, k, v, mask: Mask, windows: tuple[int, ...]) -> jax.Array:
+    """softmax(QK^T / sqrt(H)) V with the splash kernel. q: (B, T, N, H); k, v: (B, T, K, H)."""
+    T, H = q.shape[1], q.shape[3]
+    interpret = platform() == "cpu"
+
+    def local(q, k, v, segment_ids):  # one device's rows and heads
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+        n, kh = q.shape[2], k.shape[2]
+        qg = (q * H**-0.5).transpose(0, 2, 1, 3).reshape(q.shape[0], kh, n // kh, T, H)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kh, T, H)
+
+        def run(window):
+            kernel = _splash_kernel(T, n // kh, window, SPLASH_BLOCK, interpret)
+            per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # kv heads
+            return jax.vmap(per_head)(qg, kt, vt, SegmentIds(segment_ids, segment_ids))
+
+        out = _per_window(mask, windows, run)  # (b, kh, n/kh, T, H)
+        return out.reshape(q.shape[0], n, T, H).transpose(0, 2, 1, 3)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, mask.segment_ids)
+    q_spec = logical_to_spec(("batch", None, "heads", None), q.shape, mesh)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh)
+    if q_spec[2] != kv_spec[2]:  # kv heads not split like the query heads: keep them whole
+        q_spec = P(q_spec[0], None, None, None)
+        kv_spec = P(kv_spec[0], None, None, None)
+    seg_spec = P(q_spec[0], None)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, mask.segment_ids)
+
+
+def cudnn_attention(q, k, v, mask: Mask, windows: tuple[int, ...]) -> jax.Array:
+    """cuDNN flash attention (GPU, bf16/fp16): causal and window handled by cuDNN, packed
+    documents as a (B, 1, T, T) mask."""
+    same_doc = mask.segment_ids[:, :, None] == mask.segment_ids[:, None, :]
+
+    def run(window):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=same_doc[:, None], is_causal=True, implementation="cudnn",
+            local_window_size=None if window <= 0 else (window - 1, 0))
+
+    return _per_window(mask, windows, run)
+
+
+def attention_kernel(requested: str, seq_len: int) -> str:
+    """The kernel `model.attention` means for this platform and sequence length."""
+    if requested != "auto":
+        return requested
+    return "splash" if platform() == "tpu" and seq_len % 128 == 0 else "xla"
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.kernel = cfg.attention
+        self.windows = tuple(sorted(set(cfg.layer_windows())))
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         init = normal(cfg.init_std)
         out_init = normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)  # GPT-2 residual scaling
@@ -84,12 +194,13 @@ class Attention(nnx.Module):
             y = y + bias[...].astype(self.dtype)
         return constrain(y, ("batch", "seq", heads_axis, "head_dim"))
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
-        """x: (B, T, D); mask: (B, T, T) bool, True where a query may see a key.
+    def __call__(self, x: jax.Array, mask, positions: jax.Array, cache=None):
+        """x: (B, T, D); mask: a `Mask` (training, evaluation).
 
-        Decoding passes `cache`, {"k", "v": (B, S, K, H), "start": int}: this call's keys and
-        values are written at slots start..start+T-1, the queries attend to all S slots
-        (mask: (B, T, S)), and the result is (y, updated cache).
+        Decoding passes `cache`, {"k", "v": (B, S, K, H), "start": int}, and the mask as a
+        (B, T, S) bool array: this call's keys and values are written at slots
+        start..start+T-1, the queries attend to the S slots the mask allows, and the result
+        is (y, updated cache).
         """
         q = self._project(x, self.q_proj, self.q_bias, "heads")  # (B, T, N, H)
         k = self._project(x, self.k_proj, self.k_bias, "kv_heads")  # (B, T, K, H)
@@ -97,7 +208,13 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         if cache is None:
-            out = causal_attention(q, k, v, mask)  # (B, T, N, H)
+            kernel = attention_kernel(self.kernel, x.shape[1])
+            if kernel == "splash":
+                out = splash_attention(q, k, v, mask, self.windows)  # (B, T, N, H)
+            elif kernel == "cudnn":
+                out = cudnn_attention(q, k, v, mask, self.windows)
+            else:
+                out = causal_attention(q, k, v, mask.dense())
         else:
             k, v = (constrain(jax.lax.dynamic_update_slice_in_dim(
                         cache[name], new.astype(cache[name].dtype), cache["start"], axis=1),

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxgpt.config import ModelConfig
-from maxgpt.model.attention import Attention, attention_mask, window_mask
+from maxgpt.model.attention import Attention, Mask
 from maxgpt.model.layers import MLP, Norm, dropout, matmul, normal
 from maxgpt.model.moe import MoE
 from maxgpt.sharding import constrain, param
@@ -60,7 +60,8 @@ class Block(nnx.Module):
         self.dropout = cfg.dropout
 
     def __call__(self, x, mask, positions, dropout_key=None, cache=None, valid=None):
-        """x: (B, T, D); mask: (B, T, T) for this layer; positions: (B, T); valid: (B, T),
+        """x: (B, T, D); mask: this layer's (attention.Mask, or a (B, T, S) array with a
+        kv cache); positions: (B, T); valid: (B, T),
         False for padding tokens (MoE routing skips them; default all valid).
 
         Returns (x, stats, cache): the MoE layer's routing statistics ({} for a dense layer)
@@ -157,8 +158,7 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((B, T), jnp.int32)
         k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = self._embed(tokens, positions, k_embed)
-        return self._run_blocks(x, attention_mask(segment_ids), positions, segment_ids > 0,
-                                k_layers)
+        return self._run_blocks(x, segment_ids, positions, k_layers)
 
     def decode(self, tokens, positions, cache):
         """The forward pass with a kv cache (generation): tokens, positions (B, T), written at
@@ -206,12 +206,13 @@ class Transformer(nnx.Module):
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -1e9)
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def _run_blocks(self, x, mask, positions, valid, dropout_key):
+    def _run_blocks(self, x, segment_ids, positions, dropout_key):
         keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.windows))
 
         def layer(block, x, per_layer):
             window, key = per_layer
-            x, stats, _ = block(x, window_mask(mask, window), positions, key, valid=valid)
+            x, stats, _ = block(x, Mask(segment_ids, window), positions, key,
+                                valid=segment_ids > 0)
             return x, stats
 
         x, outputs = self._scan_layers(layer, x, (jnp.asarray(self.windows, jnp.int32), keys),
