@@ -56,7 +56,7 @@ class ModelConfig:
     window_pattern: Literal["all", "alternate"]  # alternate: GPT-3, odd layers banded
     dtype: Literal["float32", "bfloat16"]  # compute dtype
     param_dtype: Literal["float32", "bfloat16"]  # master weights
-    remat: Literal["none", "dots", "full"]
+    remat: Literal["none", "dots", "dots_offload", "full"]
     attention: Literal["auto", "xla", "splash", "cudnn"]  # kernel (model/attention.py)
     init_std: float
     # Mixture of experts (docs/models.md): 0 experts is a dense model.

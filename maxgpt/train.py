@@ -160,10 +160,14 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.tree.norm(grads)
-    # Non-finite guard: a step whose loss, gradient or result is not finite is skipped (the
-    # state keeps its old values, the step counter and the data move on), so parameters and
+    # Non-finite guard: a step whose loss or gradient is not finite is skipped (the state
+    # keeps its old values, the step counter and the data move on), so parameters and
     # checkpoints never hold inf/nan. The run loop stops after train.max_bad_steps in a row.
-    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm) & all_finite(new_params)
+    # A finite gradient norm means every squared gradient is finite, so AdamW's update is
+    # too; deciding from the gradient alone, before the update, lets XLA update the state in
+    # place (checking the new parameters as well held a second copy of them and of both
+    # moments: 4.1 GiB per chip for llama3-8b on v5p-8).
+    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = {"params": keep(new_params, params),
                  "opt_state": keep(opt_state, state["opt_state"]),

@@ -191,7 +191,7 @@ def test_remat_policies_change_memory_not_gradients():
     cfg = make_config("tiny").model
     tokens = jnp.asarray(packed_batch()[0])
     expected = grads_of(cfg, tokens)
-    for policy in ("dots", "full"):
+    for policy in ("dots", "dots_offload", "full"):
         got = grads_of(make_config("tiny", f"model.remat={policy}").model, tokens)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      got, expected)

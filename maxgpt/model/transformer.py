@@ -36,6 +36,9 @@ UNROLL_LAYERS: int | bool = 1
 
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    # keep them in host memory (TPU, GPU): the backward pass copies them back
+    "dots_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
 }
 
