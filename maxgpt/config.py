@@ -368,6 +368,9 @@ def validate(cfg: Config) -> None:
                 or not 1 <= int(parts[0]) <= int(parts[1])):
             raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be A:B with "
                               "1 <= A <= B (steps A to B, inclusive), or empty")
+    if m.attention == "splash" and t.seq_len % 128:
+        raise ConfigError(f"model.attention=splash needs train.seq_len to be a multiple of 128 "
+                          f"(the kernel's block), got {t.seq_len}; use auto or xla")
     if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
         raise ConfigError(f"train.loss_chunk={t.loss_chunk} must divide train.seq_len="
                           f"{t.seq_len} (or be 0: automatic)")

@@ -27,6 +27,7 @@ One code path for every variant:
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -85,7 +86,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-SPLASH_BLOCK = 512  # query and key block of the splash kernel (or the sequence, if shorter)
+SPLASH_BLOCK = 512  # query and key block of the splash kernel (or the largest that divides T)
 
 
 def _splash_kernel(seq_len: int, group: int, window: int, block: int, interpret: bool):
@@ -97,7 +98,7 @@ def _splash_kernel(seq_len: int, group: int, window: int, block: int, interpret:
 
     shape = (seq_len, seq_len)
     mask = sa.CausalMask(shape) if window <= 0 else sa.LocalMask(shape, (window - 1, 0), 0)
-    b = min(block, seq_len)
+    b = math.gcd(block, seq_len)  # a multiple of 128: the sequence is (model.attention)
     blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     return sa.make_splash_mqa(sa.MultiHeadMask([mask] * group), block_sizes=blocks,
