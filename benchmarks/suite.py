@@ -1,14 +1,12 @@
-"""The benchmark suite: every benchmark of this directory in one run, printed as a table and
-written into docs/benchmarks.md (between the suite markers) and benchmarks/results/.
+"""The benchmark suite: every benchmark of this directory in one run, printed as a table.
 
     python benchmarks/suite.py [--quick] [--only train,memory,...] [--no-write]
 
-Sections, in order: train, memory, compile, data, checkpoint, decode (this machine, one
-device), maxtext (MaxText's training loop at the same shape, when MAXTEXT_PYTHON names a
-python that imports maxtext: see maxtext_side.py) and aot (per-device memory of llama3-8b
-compiled for a v5p-8 slice, maxgpt's and MaxText's). Each reuses its benchmark script's
-measuring function; a section that fails is reported as "not run: <reason>". `--quick` takes
-fewer repeats; `--no-write` leaves the docs and results/ alone.
+Sections: train, memory, compile, data, checkpoint, decode (this machine, one device), maxtext
+(MaxText at the same shape, when MAXTEXT_PYTHON names a python with maxtext: maxtext_side.py)
+and aot (llama3-8b compiled for v5p-8, both stacks). Each reuses its script's measuring
+function; a failing section reads "not run: <reason>". The rows go to benchmarks/results/ as
+JSON and, from a run of all sections, into docs/benchmarks.md between the suite markers.
 """
 
 from __future__ import annotations
@@ -128,7 +126,7 @@ def train(quick: bool, ctx: dict):
     return [row("bench-cpu", train_shape(cfg),
                 f"{r['tokens_per_sec']:,.0f} tokens/s, step {r['median_step_s']:.2f} s, "
                 f"{r['fraction_of_peak']:.1%} of a {r['median_peak_flops'] / 1e9:.0f} GFLOP/s "
-                f"peak", **r)], (
+                f"peak (per step {min(r['fractions']):.0%}-{max(r['fractions']):.0%})", **r)], (
         f"train_throughput.py: train step compiled ahead of time, 2 warm-up steps, then "
         f"{len(r['step_times'])} times the fp32 2048^3 matmul peak (median of 5) followed by "
         f"one timed step; tokens/s from the median step; fraction of peak = median over steps "
@@ -165,12 +163,12 @@ def compile_time(quick: bool, ctx: dict):
 def data(quick: bool, ctx: dict):
     cfg = load_config(BENCH, ["data.source=builtin"])
     resolve_corpus(cfg)  # corpus and tokenizer prepared outside the timings
-    n_batches, tokens = 50 if quick else 200, cfg.train.batch_size * cfg.train.seq_len
+    n_batches, tokens = 200, cfg.train.batch_size * cfg.train.seq_len  # as data_throughput
     trainer_rate = tokens / trainer_step_s(ctx, 1 if quick else 3)
     rows = []
     for workers in (0, 1) if quick else (0, 1, 2):
         first, rate = pipeline_tokens_per_sec(cfg, workers, n_batches)
-        rows.append(row(f"{workers} worker processes", shape(cfg.model, f"rows of "
+        rows.append(row(f"data.num_workers={workers}", shape(cfg.model, f"rows of "
                         f"{cfg.train.seq_len}, batch {cfg.train.batch_size}"),
                         f"{rate:,.0f} tokens/s ({rate / trainer_rate:,.0f}x the trainer's "
                         f"{trainer_rate:,.0f}), first batch {first:.1f} s",
@@ -248,7 +246,7 @@ def maxtext(quick: bool, ctx: dict):
             row(f"MaxText {version}", train_shape(cfg), f"step {other:.2f} s, "
                 f"{tokens / other:,.0f} tokens/s", step_seconds=theirs, command=info["command"],
                 versions={"maxtext": version})], (
-        f"{rounds} rounds of: {steps} timed steps of maxgpt's compiled, warmed-up step "
+        f"Rounds ({rounds}) of {steps} timed steps of maxgpt's compiled, warmed-up step "
         f"(train_throughput.step_timer), then MaxText's own training loop at the same shape "
         f"(maxtext_side.train_step_times: llama2 decoder, fp32, AdamW, synthetic data, layers "
         f"unrolled, its first steps dropped) for {steps} logged steps; medians of all steps.")
@@ -320,7 +318,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--no-write", action="store_true",
-                        help="do not write docs/benchmarks.md and benchmarks/results/")
+                        help="write neither docs/benchmarks.md nor benchmarks/results/")
     args = parser.parse_args()
     names = args.only.split(",")
     if unknown := set(names) - set(SECTIONS):
@@ -347,13 +345,16 @@ def main() -> None:
               + ", ".join(f"{k} {v}" for k, v in found.items()) + ".")
     block = markdown(rows, methods, header)
     print(block)
-    if not args.no_write:
+    if args.no_write:
+        return
+    partial = set(names) != set(SECTIONS)  # the docs hold whole runs only
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"suite-{today}{'-' + '-'.join(names) if partial else ''}.json"
+    out.write_text(json.dumps({"minutes": minutes, "quick": args.quick, "rows": rows},
+                              indent=1, default=str))
+    if not partial:
         write_doc(block)
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"suite-{today}.json"
-        out.write_text(json.dumps({"minutes": minutes, "quick": args.quick, "rows": rows},
-                                  indent=1, default=str))
-        print(f"[suite] wrote {DOC.relative_to(ROOT)} and {out.relative_to(ROOT)}")
+    print(f"[suite] wrote {out.relative_to(ROOT)}" + ("" if partial else f" and {DOC.name}"))
 
 
 if __name__ == "__main__":
