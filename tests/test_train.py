@@ -140,7 +140,7 @@ def test_cross_entropy_in_pieces_equals_the_whole_sequence(preset):
 def test_cross_entropy_in_pieces_never_holds_the_whole_logits():
     """XLA's own accounting of the compiled train step: with 64-position pieces the
     temporaries shrink by more than the (B, T, V) fp32 logits and their gradient would take
-    (one piece's still exist), and training gives the same losses."""
+    (one piece's still exist). (Equal losses and gradients: the test above.)"""
     shape = ("model.vocab_size=8192", "train.seq_len=256", "model.max_seq_len=256",
              "mesh.data=1")
 
@@ -156,10 +156,6 @@ def test_cross_entropy_in_pieces_never_holds_the_whole_logits():
     logits = 8 * 256 * 8192 * 4
     whole, pieces = temporaries("train.loss_chunk=256"), temporaries("train.loss_chunk=64")
     assert whole - pieces > 1.5 * logits * (1 - 64 / 256), (whole, pieces)
-    devices = jax.devices()[:1]
-    np.testing.assert_allclose(run(*shape, "train.loss_chunk=64", devices=devices)[0],
-                               run(*shape, "train.loss_chunk=256", devices=devices)[0],
-                               rtol=2e-5)
 
 
 def test_weight_decay_skips_norms_and_biases():
