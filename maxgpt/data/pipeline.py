@@ -316,6 +316,6 @@ def eval_batches(corpus: Corpus, cfg: Config, rows: Sequence[int], streams: int
         while True:
             yield {k: np.zeros((per, seq_len), np.int32) for k in BATCH_KEYS}
 
-    reader = StreamReader(padded, rows, cfg.train.batch_size, streams)
-    for _ in range(cfg.train.eval_steps):
-        yield next(reader)
+    with contextlib.closing(StreamReader(padded, rows, cfg.train.batch_size, streams)) as reader:
+        for _ in range(cfg.train.eval_steps):
+            yield next(reader)
