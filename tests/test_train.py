@@ -83,16 +83,22 @@ def test_loss_falls_on_a_repeated_batch():
     assert losses[-1] < 0.2 * losses[0], losses  # memorises random tokens
 
 
-def test_loss_ignores_padding_and_adds_z_loss():
-    cfg = make_config("tiny", *BASE)
+def params_and_batch(preset, segment_ids, seed):
+    """A fresh model's graphdef and one-device state, and a batch of random tokens with the
+    given (B, T) segment ids (0: padding)."""
+    cfg = make_config(preset, *BASE)
     graphdef, _ = train.abstract_model(cfg)
     state = train.init_state(train.build_trainer(cfg, train.sharding.make_mesh(
         cfg.mesh, jax.devices()[:1])))
-    rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(0, 256, (2, 8)), "targets": rng.integers(0, 256, (2, 8)),
-             "positions": np.tile(np.arange(8), (2, 1)),
-             "segment_ids": np.array([[1] * 8, [1] * 3 + [0] * 5])}
-    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    rng = np.random.default_rng(seed)
+    B, T = np.shape(segment_ids)
+    batch = {"inputs": rng.integers(0, 256, (B, T)), "targets": rng.integers(0, 256, (B, T)),
+             "positions": np.tile(np.arange(T), (B, 1)), "segment_ids": np.array(segment_ids)}
+    return graphdef, state, {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+
+def test_loss_ignores_padding_and_adds_z_loss():
+    graphdef, state, batch = params_and_batch("tiny", [[1] * 8, [1] * 3 + [0] * 5], seed=0)
     logits = np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(
         batch["inputs"], batch["positions"], batch["segment_ids"]))(state["params"]))
     weights = np.asarray(batch["segment_ids"] > 0, np.float64)
@@ -114,15 +120,8 @@ def test_loss_ignores_padding_and_adds_z_loss():
 def test_cross_entropy_in_pieces_equals_the_whole_sequence(preset):
     """loss_chunk=4 of 16 positions: the same objective, nll and gradients (z-loss and
     padding included) as the logits of the whole sequence at once."""
-    cfg = make_config(preset, *BASE)
-    graphdef, _ = train.abstract_model(cfg)
-    state = train.init_state(train.build_trainer(cfg, train.sharding.make_mesh(
-        cfg.mesh, jax.devices()[:1])))
-    rng = np.random.default_rng(1)
-    batch = {"inputs": rng.integers(0, 256, (2, 16)), "targets": rng.integers(0, 256, (2, 16)),
-             "positions": np.tile(np.arange(16), (2, 1)),
-             "segment_ids": np.array([[1] * 16, [1] * 6 + [2] * 5 + [0] * 5])}
-    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    graphdef, state, batch = params_and_batch(
+        preset, [[1] * 16, [1] * 6 + [2] * 5 + [0] * 5], seed=1)
 
     def objective(chunk):
         grad = jax.jit(jax.grad(lambda p: train.loss_fn(p, graphdef, batch, None, 1e-2,
