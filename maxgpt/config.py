@@ -362,12 +362,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention_window must be >= 0, got {m.attention_window}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if t.profile_steps:
-        parts = str(t.profile_steps).split(":")
-        if (len(parts) != 2 or not all(x.strip().isdigit() for x in parts)
-                or not 1 <= int(parts[0]) <= int(parts[1])):
-            raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be A:B with "
-                              "1 <= A <= B (steps A to B, inclusive), or empty")
+    try:
+        profiled = t.profile_range()
+    except ValueError:  # not two integers
+        profiled = (0, 0)
+    if profiled is not None and not 1 <= profiled[0] <= profiled[1]:
+        raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be A:B with "
+                          "1 <= A <= B (steps A to B, inclusive), or empty")
     if m.attention == "splash" and t.seq_len % 128:
         raise ConfigError(f"model.attention=splash needs train.seq_len to be a multiple of 128 "
                           f"(the kernel's block), got {t.seq_len}; use auto or xla")
