@@ -36,6 +36,9 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # (e.g. a single kv head under tensor parallelism).
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
+    # the batch axes that do not split a weight's width: an embedding lookup's rows
+    # (model/transformer.py `lookup`), read by a whole FSDP group from its table shards
+    "lookup_batch": ("data", "expert"),
     "experts": ("expert",),
     "embed": ("fsdp",),
     "vocab": ("tensor",),

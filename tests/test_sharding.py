@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -75,3 +77,33 @@ def test_no_involuntary_resharding_on_a_three_axis_mesh(tmp_path):
         cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Involuntary full rematerialization" not in proc.stderr
+
+
+def test_embedding_lookup_stays_in_the_table_shards():
+    """Under FSDP every device looks its FSDP group's ids up in its own slice of the table's
+    width; no device ever holds the whole (vocab, width) table or its gradient (for Llama 3
+    that was a replicated 1.96 GiB fp32 copy and a 1.96 GiB gradient per chip). The rows
+    equal a plain lookup."""
+    from jax.sharding import NamedSharding
+
+    from maxgpt.model.transformer import lookup
+
+    mesh = mesh_of("mesh.data=2", "mesh.fsdp=4")
+    table = jax.random.normal(jax.random.key(0), (512, 64))
+    ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 512)
+
+    def loss(table, ids):
+        rows = sharding.constrain(lookup(table, ids, "vocab"), ("batch", "seq", "embed"))
+        return (rows * rows).sum(), rows
+
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True), in_shardings=(
+            NamedSharding(mesh, P(None, "fsdp")), NamedSharding(mesh, P(("data", "fsdp")))))
+        hlo = "\n".join(line for line in step.lower(table, ids).compile().as_text().split("\n")
+                        if " = " in line)  # instructions only
+        (_, rows), grad = step(table, ids)
+    assert "f32[512,16]" in hlo  # the shard: 64 wide / 4 devices
+    assert "f32[512,64]" not in hlo
+    np.testing.assert_array_equal(rows, table[ids])
+    np.testing.assert_allclose(grad, jax.ops.segment_sum(
+        2 * table[ids].reshape(-1, 64), ids.reshape(-1), 512), rtol=1e-6)
