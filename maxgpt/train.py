@@ -110,8 +110,9 @@ def loss_fn(params, graphdef, batch, dropout_key, z_loss: float, moe_balance: fl
     hidden, moe = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                                dropout_key)
     weights = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is padding
-    nll, z_sum = token_losses(model.logits, hidden, batch["targets"], weights,
-                              chunk_size(loss_chunk, batch["targets"].shape[1]))
+    output = model.output_weights()  # gathered once for all the loss's pieces
+    nll, z_sum = token_losses(lambda h: model.logits(h, output), hidden, batch["targets"],
+                              weights, chunk_size(loss_chunk, batch["targets"].shape[1]))
     objective = nll + z_loss * z_sum
     if moe:
         objective += weights.sum() * (moe_balance * moe["balance_loss"] + moe_z * moe["z_loss"])
