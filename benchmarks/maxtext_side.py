@@ -32,6 +32,8 @@ _MEMORY = re.compile(r"Memory analysis: CompiledMemoryStats\((.*)\)")
 _FIELD = re.compile(r"(\w+)_size_in_bytes=(\d+)")
 _PROBE = ("import importlib.metadata as m, os, maxtext; print(m.version('maxtext')); "
           "print(os.path.join(os.path.dirname(maxtext.__file__), 'configs', 'base.yml'))")
+_LIBTPU = ("import importlib.metadata as m, os, libtpu; print(m.version('libtpu')); "
+           "print(os.path.join(os.path.dirname(libtpu.__file__), 'libtpu.so'))")
 # maxgpt's remat names -> MaxText settings. MaxText's remat_policy=none skips jax.checkpoint only
 # for unscanned layers; with scan_layers=true it wraps the scan body in jax.checkpoint with no
 # policy, i.e. full remat (same compiled memory as remat_policy=full). So "none" unrolls.
@@ -47,6 +49,15 @@ _QUIET = {"dataset_type": "synthetic", "enable_checkpointing": "false",
 def _probe(python: str) -> tuple[str, str]:
     """(maxtext version, path of its configs/base.yml); raises if python cannot import maxtext."""
     out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split("\n")
+    return out[0], out[1]
+
+
+def libtpu_of(python: str) -> tuple[str, str]:
+    """(version, path of libtpu.so) of the TPU compiler installed in `python`'s environment.
+    Memory figures of one program differ between libtpu releases (docs/benchmarks.md), so a
+    side-by-side compile points the other stack at this one with TPU_LIBRARY_PATH."""
+    out = subprocess.run([python, "-c", _LIBTPU], capture_output=True, text=True, timeout=120,
                          check=True).stdout.split("\n")
     return out[0], out[1]
 
@@ -70,7 +81,11 @@ def _run(python: str, base_yml: str, module: str,
     with tempfile.TemporaryDirectory(prefix="maxtext-") as out_dir:
         command = [python, "-m", module, base_yml, f"base_output_directory={out_dir}",
                    *(f"{key}={value}" for key, value in settings.items())]
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        # its own libtpu: a libtpu imported by the calling process exports TPU_LIBRARY_PATH
+        # (maxgpt's environment may hold an older release, which reads other memory figures
+        # and rejects newer Pallas kernels' configs)
+        env = {key: value for key, value in os.environ.items() if key != "TPU_LIBRARY_PATH"}
+        env["JAX_PLATFORMS"] = "cpu"
         start = time.perf_counter()
         proc = subprocess.run(command, cwd=out_dir, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)

@@ -31,7 +31,6 @@ import decode_throughput
 import train_throughput
 from data_throughput import pipeline_tokens_per_sec
 from maxgpt import sharding
-from maxgpt.compile import compile_for
 from maxgpt.config import load_config
 from maxgpt.data.pipeline import resolve_corpus
 from maxgpt.train import _abstract_batch, abstract_state, build_trainer
@@ -44,9 +43,10 @@ MEMORY = {"bench-cpu": (BENCH, []),  # configs whose compiled train step's memor
           "tiny": ("configs/models/tiny.yaml", ["train.batch_size=8", "train.seq_len=256"]),
           "gpt2-small": ("configs/models/gpt2-small.yaml",
                          ["train.batch_size=2", "train.seq_len=1024"])}
-# 1 x 8192 per chip of v5p-8 (MaxText's per_device_batch=1), XLA attention (its dot_product)
+# 1 x 8192 per chip of v5p-8 (MaxText's per_device_batch=1); the aot section adds the attention
+LLAMA_CONFIG = "configs/models/llama3-8b.yaml"
 LLAMA = ["mesh.data=1", "mesh.fsdp=-1", "train.batch_size=4", "train.seq_len=8192",
-         "model.remat=full", "model.attention=xla"]
+         "model.remat=full"]
 
 
 def machine() -> str:
@@ -252,31 +252,64 @@ def maxtext(quick: bool, ctx: dict):
         f"unrolled, its first steps dropped) for {steps} logged steps; medians of all steps.")
 
 
+def maxgpt_compile(overrides: list[str], libtpu: str | None) -> dict:
+    """`maxgpt compile --json` of llama3-8b for v5p-8 in a fresh process, with the libtpu.so
+    at `libtpu` (TPU_LIBRARY_PATH) or this environment's when None."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if libtpu:
+        env["TPU_LIBRARY_PATH"] = libtpu
+    command = [sys.executable, "-m", "maxgpt", "compile", "--config", LLAMA_CONFIG,
+               "--topology", "v5p-8", "--json", *overrides]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 3):  # 3: compiled, does not fit
+        raise RuntimeError(f"maxgpt compile exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "command": command}
+
+
 def aot(quick: bool, ctx: dict):
-    cfg = load_config("configs/models/llama3-8b.yaml", LLAMA)
-    r = compile_for(cfg, "v5p-8")
+    cfg = load_config(LLAMA_CONFIG, LLAMA)
     where = train_shape(cfg) + ", v5p-8 (4 chips), FSDP 4"
-    rows = [memory_row("maxgpt", where, r.argument_bytes, r.output_bytes, r.alias_bytes,
-                       r.temp_bytes, f"; compile {r.compile_s:.0f} s", compile_s=r.compile_s,
-                       command=["maxgpt", "compile", "--config", "configs/models/llama3-8b.yaml",
-                                "--topology", "v5p-8", *LLAMA])]
     try:
         side, python, version = maxtext_side()
-        t = side.aot_memory(python, "llama3-8b", "v5p-8", per_device_batch=1, seq_len=8192,
-                            remat="full", attention="dot_product")
-        rows.append(memory_row(f"MaxText {version}", where, t["arguments"], t["outputs"],
-                               t["aliased"], t["temporaries"], f"; process "
-                               f"{t['compile_seconds']:.0f} s; maxgpt / MaxText "
-                               f"{rows[0]['data']['total_bytes'] / t['bytes_per_device']:.3f}",
-                               versions={"maxtext": version},
-                               compile_s=t["compile_seconds"], command=t["command"]))
-    except Exception as e:  # MaxText is optional: say why it did not run, keep maxgpt's row
-        rows.append(not_run("MaxText", e))
+        libtpu_version, libtpu = side.libtpu_of(python)
+    except Exception as e:  # MaxText is optional: maxgpt alone, with its own libtpu
+        side, missing, libtpu = None, e, None
+        libtpu_version = importlib.metadata.version("libtpu")
+    rows = []
+    # each stack's default TPU kernel (splash / flash), then XLA's attention on both
+    for ours, theirs in (("splash", "flash"), ("xla", "dot_product")):
+        r = maxgpt_compile(LLAMA + [f"model.attention={ours}"], libtpu)
+        rows.append(memory_row(
+            f"maxgpt, attention={ours}", where, r["argument_bytes"], r["output_bytes"],
+            r["alias_bytes"], r["temp_bytes"], f"; libtpu {libtpu_version}; compile "
+            f"{r['compile_s']:.0f} s", versions={"libtpu": libtpu_version},
+            compile_s=r["compile_s"], command=r["command"]))
+        if side is None:
+            rows.append(not_run(f"MaxText, attention={theirs}", missing))
+            continue
+        try:
+            t = side.aot_memory(python, "llama3-8b", "v5p-8", per_device_batch=1,
+                                seq_len=8192, remat="full", attention=theirs)
+        except Exception as e:
+            rows.append(not_run(f"MaxText, attention={theirs}", e))
+            continue
+        ratio = rows[-1]["data"]["total_bytes"] / t["bytes_per_device"]
+        rows.append(memory_row(
+            f"MaxText {version}, attention={theirs}", where, t["arguments"], t["outputs"],
+            t["aliased"], t["temporaries"], f"; libtpu {libtpu_version}; process "
+            f"{t['compile_seconds']:.0f} s; maxgpt / MaxText {ratio:.3f}",
+            versions={"maxtext": version, "libtpu": libtpu_version},
+            compile_s=t["compile_seconds"], command=t["command"]))
     return rows, ("Per-device memory of the train step compiled ahead of time for a v5p-8 "
-                  "slice through libtpu (no TPU): maxgpt.compile.compile_for (`maxgpt compile`) "
-                  "and MaxText's train_compile (maxtext_side.aot_memory: llama3-8b preset, "
-                  "dot_product attention, i.e. maxgpt's model.attention=xla; full remat, bf16 "
-                  "compute, fp32 weights and AdamW state, FSDP over the 4 chips). maxgpt's "
+                  "slice through libtpu (no TPU), both stacks with the SAME libtpu (MaxText's: "
+                  "maxgpt's compile runs in a fresh process with TPU_LIBRARY_PATH pointing at "
+                  "it; libtpu releases report different temporaries for one program): "
+                  "`maxgpt compile --json` and MaxText's train_compile "
+                  "(maxtext_side.aot_memory: llama3-8b preset; full remat, bf16 compute, fp32 "
+                  "weights and AdamW state, FSDP over the 4 chips, 1 x 8192 tokens per chip). "
+                  "Attention: each stack's TPU kernel (maxgpt splash, MaxText flash), then "
+                  "XLA's (maxgpt xla, MaxText dot_product). Total = arguments + outputs - "
+                  "aliased + temporaries for both (generated code not counted). maxgpt's "
                   "compile time is XLA's alone; MaxText's is its whole process.")
 
 

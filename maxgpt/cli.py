@@ -7,6 +7,7 @@ User errors (bad config, missing file, impossible mesh) print one line,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -242,9 +243,8 @@ def cmd_compile(args) -> int:
     cfg = load_config(args.config, args.overrides)
     report = compile_for(cfg, args.topology, args.num_slices)
     if args.json:
-        print(json.dumps({"fits": report.fits, "bytes_per_device": report.bytes_per_device,
-                          "hbm_bytes": report.hbm_bytes,
-                          "flops_per_step": report.flops_per_step}))
+        print(json.dumps({**dataclasses.asdict(report), "fits": report.fits,
+                          "bytes_per_device": report.bytes_per_device}))
     else:
         gib = 2**30
         print(f"{cfg.model.name} on {report.topology} ({report.devices} devices, mesh "
@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--topology", required=True, help="a TPU slice, e.g. v5p-8, v6e-256")
     comp.add_argument("--num-slices", type=int, default=1)
     comp.add_argument("--json", action="store_true",
-                      help='print {"fits", "bytes_per_device", "hbm_bytes", "flops_per_step"}')
+                      help='print the report as JSON: "fits", "bytes_per_device", "hbm_bytes", '
+                           '"argument_bytes", "temp_bytes", ... (maxgpt.compile.CompileReport)')
     comp.add_argument("overrides", nargs="*", metavar="section.key=value")
     comp.set_defaults(func=cmd_compile)
 

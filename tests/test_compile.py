@@ -52,7 +52,10 @@ def test_two_slices_compile_with_data_parallelism_across_them(capsys):
     code, out = compile_json(capsys, "--config", "configs/models/tiny.yaml", "--topology",
                              "v5e-16", "--num-slices", "2", "mesh.data=2", "mesh.fsdp=16",
                              "train.batch_size=32")
-    assert code == 0 and out["fits"]
+    assert code == 0 and out["fits"] and out["devices"] == 32
+    assert out["bytes_per_device"] == (out["argument_bytes"] + out["output_bytes"]
+                                       - out["alias_bytes"] + out["temp_bytes"]
+                                       + out["code_bytes"])
     devices = topology_devices(*parse_slice("v5e-16"), num_slices=2)
     mesh = sharding.make_mesh(load_config(None, ["mesh.data=4", "mesh.fsdp=8"]).mesh, devices)
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)  # (data, fsdp, expert, tensor)
