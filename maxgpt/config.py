@@ -58,6 +58,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"]  # master weights
     remat: Literal["none", "dots", "dots_offload", "full"]
     attention: Literal["auto", "xla", "splash", "cudnn"]  # kernel (model/attention.py)
+    unroll_layers: int  # layer groups per scan step; 0: auto (all on CPU, else 1); -1: all
     init_std: float
     # Mixture of experts (docs/models.md): 0 experts is a dense model.
     num_experts: int  # routed experts per MoE layer, each an MLP of width mlp_dim
@@ -358,6 +359,9 @@ def validate(cfg: Config) -> None:
     if t.seq_len > m.max_seq_len:
         raise ConfigError(
             f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.unroll_layers < -1:
+        raise ConfigError(f"model.unroll_layers must be -1 for all layers, 0 for auto, or a "
+                          f"count of layers, got {m.unroll_layers}")
     if m.attention_window < 0:
         raise ConfigError(f"model.attention_window must be >= 0, got {m.attention_window}")
     if not 0.0 <= m.dropout < 1.0:

@@ -68,6 +68,7 @@ def test_every_key_is_overridable():
     (["train.microbatches=3"], "train.microbatches=3 must divide train.batch_size=8"),
     (["data.streams=3"], "data.streams=3 must divide train.batch_size=8"),
     (["train.loss_chunk=100"], "train.loss_chunk=100 must divide train.seq_len=256"),
+    (["model.unroll_layers=-2"], "model.unroll_layers must be -1 for all layers, 0 for auto"),
     (["train.profile_steps=3:2"], "must be A:B with 1 <= A <= B"),
     (["train.profile_steps=2"], "must be A:B with 1 <= A <= B"),
     (["model.attention=splash", "train.seq_len=200"],

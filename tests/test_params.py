@@ -90,18 +90,16 @@ def test_flops_per_token_gpt3_175b():
     ("tiny-moe", ("model.moe_dispatch=capacity", "model.capacity_factor=1.0",
                   "model.mlp_dim=512")),
 ])
-def test_flops_per_token_equals_xla_cost_analysis(preset, extra, monkeypatch):
+def test_flops_per_token_equals_xla_cost_analysis(preset, extra):
     """XLA's count of the compiled train step (layer loop unrolled: XLA counts a loop body
     once). XLA computes every query-key product of the masked attention, so the formula
     counts all keys here (causal=False); XLA also counts the elementwise work, softmax and
     optimizer that the convention leaves out: a few percent more."""
     from maxgpt import sharding, train
-    from maxgpt.model import transformer
 
-    monkeypatch.setattr(transformer, "UNROLL_LAYERS", True)
-    cfg = make_config(preset, "model.embed_dim=256", "model.num_heads=4", "model.mlp_dim=1024",
-                      "model.vocab_size=512", "train.batch_size=4", "train.seq_len=128",
-                      "mesh.data=1", *extra)
+    cfg = make_config(preset, "model.unroll_layers=-1", "model.embed_dim=256",
+                      "model.num_heads=4", "model.mlp_dim=1024", "model.vocab_size=512",
+                      "train.batch_size=4", "train.seq_len=128", "mesh.data=1", *extra)
     trainer = train.build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     with jax.set_mesh(trainer.mesh):
         compiled = trainer.step_fn.lower(train.abstract_state(trainer),

@@ -55,6 +55,14 @@ def test_tensor_parallel_gpt2_with_biases_equals_one_device():
     np.testing.assert_allclose(sharded, single, rtol=2e-5)
 
 
+def test_a_loop_over_layers_equals_the_unrolled_stack(one_device):
+    """model.unroll_layers: auto unrolls the whole stack on CPU (the one_device run); one
+    layer per loop step, or two, trains identically."""
+    for unroll in (1, 2):
+        losses, _ = run("mesh.data=1", f"model.unroll_layers={unroll}", devices=jax.devices()[:1])
+        np.testing.assert_allclose(losses, one_device[0], rtol=2e-5)
+
+
 def test_accumulating_4_microbatches_of_2_equals_1_batch_of_8(one_device):
     accumulated, state = run("mesh.data=1", "train.microbatches=4", devices=jax.devices()[:1])
     np.testing.assert_allclose(accumulated, one_device[0], rtol=2e-5)
