@@ -49,7 +49,7 @@ def lookup(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
     sequences (one all-to-all of activation size). The gradient is scattered into the
     device's slice too. Gathering the whole table instead costs a replicated fp32 copy and
     gradient of it on every device (2 x 1.96 GiB for Llama 3's 128,256 x 4,096 table,
-    docs/benchmarks.md).
+    docs/performance.md).
     """
     table = constrain(table, (row_axis, "embed"))
     ids = constrain(ids, ("lookup_batch", None))
@@ -58,10 +58,10 @@ def lookup(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
 
 @jax.custom_vjp
 def gathered_output_weights(w: jax.Array) -> jax.Array:
-    """The (D, V) output matrix made whole along D; its gradient goes straight back to the
-    FSDP shards (a reduce-scatter), so no whole-size gradient outlives the loss (XLA would
-    otherwise all-reduce it whole and keep it through the layers' backward pass: +0.5 GiB
-    per chip for llama3-8b on v5p-8)."""
+    """The (D, V) output matrix made whole along D, whose gradient is put back in the
+    weights' FSDP layout right away: without that, XLA kept the whole-size gradient of
+    the gathered matrix alive through the layers' backward pass (+0.5 GiB per chip for
+    llama3-8b on v5p-8, docs/performance.md)."""
     return constrain(w, (None, "vocab"))
 
 
@@ -223,8 +223,8 @@ class Transformer(nnx.Module):
     def output_weights(self) -> jax.Array:
         """The output layer's (D, V) matrix in the compute dtype, whole along D: FSDP gathers
         it here, once, so that a loss applying `logits` a piece at a time (maxgpt/loss.py)
-        reuses one gathered copy for every piece, and its gradient is reduce-scattered once
-        after the last piece, instead of a gather and a reduction per piece."""
+        reuses one gathered copy for every piece instead of gathering it again per piece,
+        in the forward pass and again in the recomputing backward pass."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # tied: embed.T
         return gathered_output_weights(w.astype(self.dtype))
 
@@ -290,9 +290,9 @@ class Transformer(nnx.Module):
     def _unroll(self, groups: int) -> int:
         """Layer groups per step of the scan (`model.unroll_layers`). Auto unrolls the whole
         stack on CPU: XLA:CPU then keeps each layer's activations in buffers of their own
-        instead of copying them in and out of (L, ...) stacks, and the benchmark step takes
-        9.0 s instead of 12.1 s (docs/benchmarks.md); TPU and GPU keep a loop of one layer
-        per step, so that compile time does not grow with depth."""
+        instead of copying them in and out of (L, ...) stacks, and the CPU benchmark step is
+        1.24x faster (docs/benchmarks.md); TPU and GPU keep a loop of one layer per step, so
+        that compile time does not grow with depth."""
         if self.unroll == -1 or (self.unroll == 0 and platform() == "cpu"):
             return groups
         return max(1, min(self.unroll, groups))
