@@ -285,3 +285,22 @@ def test_splash_kernel_equals_xla_attention(variant, mesh, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  got_grads, want_grads)
+
+
+def test_cudnn_wiring_equals_our_mask():
+    """model.attention=cudnn hands causality and the window to jax.nn.dot_product_attention as
+    is_causal / local_window_size, and the packed documents as a mask. cuDNN itself needs a
+    GPU (not tested here); the same call through XLA's implementation checks that wiring
+    against our dense mask: GQA, two documents and padding, full and windowed layers, and a
+    traced window switching between them (GPT-3's alternating layers)."""
+    B, T, N, K, H = 2, 24, 4, 2, 8
+    q, k, v = (jax.random.normal(key, (B, T, n, H)) for key, n in
+               zip(jax.random.split(jax.random.key(0), 3), (N, K, K)))
+    segments = jnp.asarray([[1] * T, [1] * 10 + [2] * 9 + [0] * 5], jnp.int32)
+    kv = (jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2))
+    for windows, window in (((0,), 0), ((5,), 5), ((0, 5), jnp.asarray(5)),
+                            ((0, 5), jnp.asarray(0))):
+        mask = attention.Mask(segments, window)
+        got = attention.cudnn_attention(q, k, v, mask, windows, implementation="xla")
+        want = attention.causal_attention(q, *kv, mask.dense())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
