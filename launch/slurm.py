@@ -8,6 +8,10 @@
 (maxgpt/distributed.py), each task driving its node's GPUs. `--signal=TERM@SECONDS` asks
 SLURM to send SIGTERM to the tasks that long before the time limit: maxgpt finishes the
 step, saves a checkpoint and exits 0, and the next job with the same `--run-dir` resumes.
+
+Every node must see the same run directory: put --run-dir on a file system all nodes mount
+(a parallel file system such as Lustre or GPFS, or NFS) or on gs://, never on a node's local
+disk (/tmp, local scratch). maxgpt checks at start that all processes see the same one.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ def script(command: list[str], nodes: int, gpus_per_node: int, time: str, partit
         lines.append(f"#SBATCH --partition={partition}")
     if account:
         lines.append(f"#SBATCH --account={account}")
-    lines += ["set -euo pipefail", *([setup] if setup else []),
+    lines += ["# --run-dir must be one directory that every node sees: a shared file system",
+              "# (Lustre, GPFS, NFS) or gs://, not a node's local disk. maxgpt checks it at start.",
+              "set -euo pipefail", *([setup] if setup else []),
               "export MAXGPT_DISTRIBUTED=auto  # one JAX process per node, found through SLURM",
               f"srun --kill-on-bad-exit=1 {shlex.join(command)}", ""]
     return "\n".join(lines)
@@ -64,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if args.submit:
-        return subprocess.run(["sbatch", args.out]).returncode
+        if code := subprocess.run(["sbatch", args.out]).returncode:
+            print(f"launch/slurm.py: sbatch exited {code}", file=sys.stderr)
+        return code
     return 0
 
 

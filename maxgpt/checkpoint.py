@@ -35,14 +35,19 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from maxgpt import sharding
+
 from maxgpt.config import CheckpointConfig, Config, ConfigError
+from maxgpt.run_dir import RunDir
+from maxgpt.storage import PathLike, absolute, as_path
 
 ITEMS = ("state", "data", "config", "tokenizer")
 
@@ -112,9 +117,9 @@ def check_architecture(saved_params: Any, abstract_params: Any, where: str) -> N
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig | None = None,
+    def __init__(self, run_dir: RunDir, cfg: CheckpointConfig | None = None,
                  read_only: bool = False):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = absolute(run_dir.checkpoints)
         keep = None if cfg is None else cfg.keep
         keep_every = None if cfg is None or cfg.keep_every == 0 else cfg.keep_every
         self.manager = ocp.CheckpointManager(
@@ -209,12 +214,44 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_params(path: str | Path, abstract_params: Any, shardings: Any) -> tuple[Any, str]:
+class SaveTimer:
+    """`checkpoint.every_minutes`: a save once that long has passed since the last one.
+
+    Every process must save at the same step, and their clocks differ, so each step the
+    processes' votes ("my clock says it is time") are combined on the devices by one tiny
+    max-reduction, dispatched behind the step and read after the next one: no process waits
+    for it, and all read the same answer at the same step.
+    """
+
+    def __init__(self, minutes: float, mesh: jax.sharding.Mesh):
+        self.seconds, self.last, self.pending = minutes * 60, time.monotonic(), None
+        if self.seconds > 0:
+            self.size = mesh.devices.size
+            self.sharding = sharding.per_device(mesh)
+            self.any = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+
+    def due(self) -> bool:
+        """Whether to save after the step just dispatched: the answer to the votes cast at
+        the previous call (one step late, the same on every process)."""
+        if self.seconds <= 0:
+            return False
+        vote = np.array([time.monotonic() - self.last >= self.seconds], np.int32)
+        votes = jax.make_array_from_callback((self.size,), self.sharding, lambda _: vote)
+        previous, self.pending = self.pending, self.any(votes)
+        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+
+    def saved(self) -> None:
+        """A save happened (for any reason): the clock restarts; the vote in flight, cast
+        before it, is dropped (on every process alike)."""
+        self.last, self.pending = time.monotonic(), None
+
+
+def load_params(path: PathLike, abstract_params: Any, shardings: Any) -> tuple[Any, str]:
     """Parameters only (no optimizer state, no step) of another run, for
     `checkpoint.load_params_from`: PATH is a run directory (its newest checkpoint) or one of
     its step directories, `RUN/checkpoints/STEP`. Returns them placed in `shardings`, and
     the checkpoint they came from."""
-    path = Path(path).absolute()
+    path = absolute(as_path(path))
     if path.name.isdigit() and path.parent.name == "checkpoints":
         directory, step = path.parent, int(path.name)
     else:

@@ -29,26 +29,22 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _existing_run(path: str) -> Path:
-    run_dir = Path(path)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    return run_dir
+def _existing_run(path: str):
+    from maxgpt.run_dir import RunDir
+
+    return RunDir(path).require_run()
 
 
 def cmd_train(args) -> int:
+    from maxgpt.run_dir import RunDir
     from maxgpt.train import run  # imports jax: keep `maxgpt --help` fast
 
-    existing = args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()
-    if existing and args.config:
-        raise ConfigError(
-            f"{args.run_dir} already holds a run; continue it with `maxgpt train --run-dir "
-            f"{args.run_dir} [key=value ...]` (no --config), or pick a new --run-dir "
-            "(nothing was changed)")
-    # A run directory's own config.yaml is the config of its continuation.
-    cfg = load_config(Path(args.run_dir) / "config.yaml" if existing else args.config,
-                      args.overrides)
-    run_dir = Path(args.run_dir or f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = None if args.run_dir is None else RunDir(args.run_dir)
+    # Without --config a run continues with its own config.yaml. With one, it is the same
+    # command run again (a restart): run() accepts it if only resumable keys differ.
+    own = run_dir is not None and run_dir.holds_run() and not args.config
+    cfg = load_config(run_dir.config_file if own else args.config, args.overrides)
+    run_dir = run_dir or RunDir(f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run(cfg, run_dir)
     print(f"maxgpt: run written to {run_dir}", file=sys.stderr)
     return 0
@@ -92,14 +88,12 @@ def cmd_export(args) -> int:
     from maxgpt.inference import load_for_inference
 
     run_dir = _existing_run(args.run_dir)
-    family(load_config(run_dir / "config.yaml").model)  # refuse before restoring anything
+    family(run_dir.load_config().model)  # refuse before restoring anything
     trainer, params, corpus, step = load_for_inference(run_dir, args.step)
     params = jax.device_get(params)
-    files = write_folder(trainer.cfg.model, params, Path(args.out),
-                         None if corpus is None else corpus.tokenizer.model_proto,
-                         overwrite=args.overwrite)
-    print(f"{args.out}: step {step} as {family(trainer.cfg.model)} ({', '.join(files)})")
-    if args.verify:
+    checked = []
+
+    def check(folder: Path) -> None:  # the local folder, before a remote one is uploaded
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
@@ -107,18 +101,25 @@ def cmd_export(args) -> int:
             raise ConfigError("--verify needs torch and transformers (pip install "
                               "torch==2.13.0 transformers)") from None
         texts = ["def main():\n    return 0\n", "The quick brown fox jumps over the lazy dog."]
-        worst = verify(trainer.cfg.model, params, Path(args.out), corpus.tokenizer, texts)
+        worst = verify(trainer.cfg.model, params, folder, corpus.tokenizer, texts)
         if worst > 1e-4:
             raise ConfigError(f"verification failed: logits differ by up to {worst:.2e}")
-        print(f"verified with transformers: same tokens, logits within {worst:.1e}")
+        checked.append(worst)
+
+    files = write_folder(trainer.cfg.model, params, args.out,
+                         None if corpus is None else corpus.tokenizer.model_proto,
+                         overwrite=args.overwrite, check=check if args.verify else None)
+    print(f"{args.out}: step {step} as {family(trainer.cfg.model)} ({', '.join(files)})")
+    if checked:
+        print(f"verified with transformers: same tokens, logits within {checked[0]:.1e}")
     return 0
 
 
 def cmd_import(args) -> int:
     from maxgpt.export import import_folder
 
-    run_dir = import_folder(Path(args.hf), Path(args.run_dir), args.overrides)
-    note = "" if (run_dir / "tokenizer.model").is_file() else (
+    run_dir = import_folder(args.hf, args.run_dir, args.overrides)
+    note = "" if run_dir.tokenizer_file.is_file() else (
         " (the folder has no tokenizer.model: set data.tokenizer=PATH for text data)")
     print(f"{run_dir}: weights from {args.hf}{note}; train with `maxgpt train --run-dir "
           f"{args.run_dir}`")
@@ -149,8 +150,9 @@ def cmd_tokenizer_train(args) -> int:
     from maxgpt.data.pipeline import TOKENIZER_FILE
     from maxgpt.data.prepare import sample_documents
     from maxgpt.data.tokenizer import train_tokenizer
+    from maxgpt.storage import as_path
 
-    out = Path(args.out) if args.out else Path(args.data) / TOKENIZER_FILE
+    out = as_path(args.out) if args.out else as_path(args.data) / TOKENIZER_FILE
     if out.exists():
         raise ConfigError(f"{out} already exists; remove it or pass --out (nothing was changed)")
     tokenizer = train_tokenizer(sample_documents(args.data, seed=args.seed), out,
@@ -265,7 +267,7 @@ def cmd_scaling(args) -> int:
     target = parse_count(args.target_params) if args.target_params else None
     if args.bootstrap < 1:
         raise ConfigError(f"--bootstrap must be at least 1, got {args.bootstrap}")
-    result = ladder(Path(args.out), args.sizes.split(","), args.tokens.split(","), target,
+    result = ladder(args.out, args.sizes.split(","), args.tokens.split(","), target,
                     args.bootstrap, tuple(args.overrides),
                     echo=lambda text: print(text, file=sys.stderr, flush=True))
     if args.json:
@@ -290,7 +292,7 @@ def cmd_scaling(args) -> int:
           + (f" (90% [{interval[0]:.4f}, {interval[1]:.4f}])" if interval else ""))
     if result["underdetermined"]:
         print("note: 5 or fewer runs for 5 parameters: the fit is underdetermined")
-    print(f"wrote {Path(args.out) / 'fit.json'} and {Path(args.out) / 'ladder.png'}")
+    print(f"wrote {args.out.rstrip('/')}/fit.json and {args.out.rstrip('/')}/ladder.png")
     return 0
 
 

@@ -164,6 +164,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int  # save every this many steps (and at the end); 0: only at the end
+    every_minutes: float  # also save once this many minutes passed since the last save; 0: off
     keep: int  # newest checkpoints kept
     keep_every: int  # also keep every checkpoint whose step is a multiple of this; 0: none
     load_params_from: str  # a run dir (newest checkpoint) or a step dir: start from its params
@@ -269,7 +270,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path) -> dict[str, Any]:  # a pathlib or an etils.epath Path
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -320,7 +321,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Resolve base.yaml <- preset <- file <- overrides into a validated Config."""
     raw = _read_yaml(BASE_CONFIG)
     if path is not None:
-        path = Path(path)
+        from maxgpt.storage import as_path  # a run's config.yaml may be on gs://
+
+        path = as_path(path)
         file_values = _read_yaml(path)
         preset = file_values.pop("preset", None)
         if preset is not None:
@@ -384,6 +387,7 @@ def validate(cfg: Config) -> None:
             f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}")
     nonnegative = {"optim.warmup_steps": o.warmup_steps, "train.eval_every": t.eval_every,
                    "checkpoint.every": cfg.checkpoint.every,
+                   "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
                    "checkpoint.keep_every": cfg.checkpoint.keep_every,
                    "data.num_workers": cfg.data.num_workers, "data.prefetch": cfg.data.prefetch,
                    "data.streams": cfg.data.streams}

@@ -57,3 +57,62 @@ def initialize(env=None) -> bool:
         return False
     _started = True
     return True
+
+
+# Small host-side agreements between the processes of a job, outside the train step: the
+# run directory's probe (maxgpt/run_dir.py), the tokenizer fingerprint, a timed save. Each is
+# one tiny collective; with one process they cost nothing.
+_TEXT_BYTES = 1024
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def is_leader() -> bool:
+    """True on process 0, the one that writes a run's files that are not per-process."""
+    return process_index() == 0
+
+
+def _encode(text: str):
+    import numpy as np
+
+    data = text.encode()[:_TEXT_BYTES]
+    return np.frombuffer(data.ljust(_TEXT_BYTES, b"\0"), np.uint8)
+
+
+def _decode(row) -> str:
+    return bytes(row).rstrip(b"\0").decode(errors="replace")
+
+
+def gather_text(text: str) -> list[str]:
+    """Every process's `text` (up to 1 KiB each), in process order, on every process."""
+    if process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    return [_decode(row) for row in multihost_utils.process_allgather(_encode(text))]
+
+
+def broadcast_text(text: str) -> str:
+    """Process 0's `text`, on every process."""
+    if process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    return _decode(multihost_utils.broadcast_one_to_all(_encode(text)))
+
+
+def barrier(name: str) -> None:
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

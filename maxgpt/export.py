@@ -22,13 +22,17 @@ import.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from maxgpt.config import ConfigError, ModelConfig
 from maxgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from maxgpt.run_dir import RunDir
+from maxgpt.storage import PathLike, absolute, as_path, is_remote, upload_tree
 
 
 def family(m: ModelConfig) -> str:
@@ -182,20 +186,41 @@ TOKENIZER_CONFIG = {  # what AutoTokenizer needs to tokenise exactly like maxgpt
     "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
-def write_folder(m: ModelConfig, params: dict, out: Path, tokenizer_proto: bytes | None,
-                 overwrite: bool = False) -> list[str]:
+def write_folder(m: ModelConfig, params: dict, out: PathLike, tokenizer_proto: bytes | None,
+                 overwrite: bool = False,
+                 check: Callable[[Path], None] | None = None) -> list[str]:
     """A Hugging Face model folder: config.json, generation_config.json, safetensors (sharded
-    with an index past SHARD_BYTES), and the tokenizer. Returns the files written."""
-    from safetensors.numpy import save_file
+    with an index past SHARD_BYTES), and the tokenizer. Returns the files written.
 
+    `out` may be local or a URI; a remote folder is built locally, given to `check` (e.g. a
+    load with transformers, which reads local folders only) and uploaded only if that
+    passes, config.json last."""
     family(m)  # refuse before touching the output folder
     if tokenizer_proto is None:
         raise ConfigError("this run has no tokenizer (synthetic data): nothing to evaluate "
                           "an export with")
-    out = Path(out)
+    out = as_path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose a new "
                           "--out (nothing was changed)")
+    remote = is_remote(out)
+    folder = Path(tempfile.mkdtemp(prefix="maxgpt-export-")) if remote else Path(out)
+    try:
+        files = _write_local_folder(m, params, folder, tokenizer_proto)
+        if check is not None:
+            check(folder)
+        if remote:
+            upload_tree(folder, out, last="config.json")
+    finally:
+        if remote:
+            shutil.rmtree(folder)
+    return files
+
+
+def _write_local_folder(m: ModelConfig, params: dict, out: Path, tokenizer_proto: bytes
+                        ) -> list[str]:
+    from safetensors.numpy import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf(m, params)
     groups: list[dict[str, np.ndarray]] = [{}]
@@ -380,17 +405,18 @@ def _mixtral_experts(get, state, h: str, E: int) -> dict[str, np.ndarray]:
         for w, n in MIXTRAL_EXPERTS.items()}}
 
 
-def read_config(hf_dir: Path) -> dict[str, Any]:
-    if not (Path(hf_dir) / "config.json").is_file():
+def read_config(hf_dir: PathLike) -> dict[str, Any]:
+    if not (as_path(hf_dir) / "config.json").is_file():
         raise ConfigError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
-    return json.loads((Path(hf_dir) / "config.json").read_text())
+    return json.loads((as_path(hf_dir) / "config.json").read_text())
 
 
-def read_folder(hf_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """config.json and all weights (one safetensors file or an index of shards)."""
-    from safetensors.numpy import load_file
+def read_folder(hf_dir: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json and all weights (one safetensors file or an index of shards), from a
+    local folder or a URI."""
+    from safetensors.numpy import load
 
-    hf_dir = Path(hf_dir)
+    hf_dir = as_path(hf_dir)
     config = read_config(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -399,29 +425,29 @@ def read_folder(hf_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     for name in files:
         if not (hf_dir / name).is_file():
             raise ConfigError(f"{hf_dir / name} is missing (only safetensors weights are read)")
-        state.update(load_file(str(hf_dir / name)))
+        state.update(load((hf_dir / name).read_bytes()))
     return config, state
 
 
-def import_folder(hf_dir: Path, run_dir: Path, overrides=()) -> Path:
+def import_folder(hf_dir: PathLike, run_dir: PathLike, overrides=()) -> RunDir:
     """`maxgpt import`: a new run directory whose training starts from the Hugging Face
-    weights (via checkpoint.load_params_from), with the folder's sentencepiece tokenizer."""
+    weights (via checkpoint.load_params_from), with the folder's sentencepiece tokenizer.
+    Either may be local or a URI."""
     import jax
     import orbax.checkpoint as ocp
-    import yaml
     from flax import nnx
 
     from maxgpt.checkpoint import check_architecture
     from maxgpt.config import load_config
     from maxgpt.train import abstract_model
 
-    run_dir = Path(run_dir).absolute()
-    if (run_dir / "config.yaml").exists():
+    run_dir, hf_dir = RunDir(run_dir), as_path(hf_dir)
+    if run_dir.holds_run():
         raise ConfigError(f"{run_dir} already holds a run; import into a new --run-dir "
                           "(nothing was changed)")
     values = model_overrides(read_config(hf_dir))  # refuse before reading any weights
     _, state = read_folder(hf_dir)
-    imported = run_dir / "imported"
+    imported = absolute(run_dir.path / "imported")
     cfg = load_config(None, [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}"
                              for k, v in values.items()]
                       + [f"checkpoint.load_params_from={imported}", *overrides])
@@ -433,7 +459,6 @@ def import_folder(hf_dir: Path, run_dir: Path, overrides=()) -> Path:
         {"params": jax.tree.map(np.asarray, params)})))
     manager.wait_until_finished()
     manager.close()
-    if (Path(hf_dir) / "tokenizer.model").is_file():
-        (run_dir / "tokenizer.model").write_bytes((Path(hf_dir) / "tokenizer.model").read_bytes())
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tokenizer = hf_dir / "tokenizer.model"
+    run_dir.write(cfg, tokenizer.read_bytes() if tokenizer.is_file() else None)
     return run_dir

@@ -4,24 +4,26 @@ and `maxgpt export` start here."""
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from maxgpt import sharding
 from maxgpt.checkpoint import Checkpointer
-from maxgpt.config import ConfigError, load_config
+from maxgpt.config import ConfigError
 from maxgpt.data.pipeline import Corpus
 from maxgpt.evaluate import evaluate
+from maxgpt.run_dir import RunDir
+from maxgpt.storage import PathLike
 from maxgpt.train import Trainer, abstract_state, build_trainer, open_corpus
 
 
-def load_for_inference(run_dir: Path, step: int | None = None, overrides=(), devices=None
-                       ) -> tuple[Trainer, Any, Corpus | None, int]:
+def load_for_inference(run_dir: PathLike | RunDir, step: int | None = None, overrides=(),
+                       devices=None) -> tuple[Trainer, Any, Corpus | None, int]:
     """A run's trainer (for its mesh and model), the parameters of a checkpoint (default: the
     newest) and its data; for `maxgpt eval`, `maxgpt generate` and `maxgpt export`."""
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    run_dir = RunDir(run_dir)
+    cfg = run_dir.require_run().load_config(overrides)
     corpus = open_corpus(cfg, run_dir)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     with contextlib.closing(Checkpointer(run_dir, read_only=True)) as checkpointer:
@@ -34,7 +36,7 @@ def load_for_inference(run_dir: Path, step: int | None = None, overrides=(), dev
     return trainer, state["params"], corpus, step
 
 
-def evaluate_checkpoint(run_dir: Path, step: int | None = None, overrides=(),
+def evaluate_checkpoint(run_dir: PathLike | RunDir, step: int | None = None, overrides=(),
                         devices=None) -> dict[str, Any]:
     """`maxgpt eval`: held-out metrics of a run's checkpoint (default: the newest)."""
     trainer, params, corpus, step = load_for_inference(run_dir, step, overrides, devices)

@@ -1,6 +1,6 @@
 """Where numbers go: RUN_DIR/metrics.jsonl, TensorBoard event files, and one console line.
 
-Only process 0 writes. Each train row carries at least
+Only process 0 writes; the file may be local or on object storage (see MetricsWriter). Each train row carries at least
 `step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu, tokens_seen`; each eval row
 `step, eval_loss, eval_ppl, eval_bpb, eval_tokens` (see docs/metrics.md).
 """
@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-import jax
+from maxgpt import distributed
+from maxgpt.run_dir import RunDir
+from maxgpt.storage import is_remote, one_line, write_atomic
 
 
 def _plain(value: Any) -> Any:
@@ -47,42 +53,106 @@ def format_row(row: dict[str, Any], total_steps: int) -> str:
     return " | ".join(parts)
 
 
+class _Uploader(threading.Thread):
+    """Writes the newest content of files in the background, so that the training loop never
+    waits on storage; a content handed over while a write runs replaces any older one of
+    the same file still waiting."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="maxgpt-metrics")
+        self.pending: dict[Any, bytes] = {}
+        self.closed, self.failed = False, False
+        self.condition = threading.Condition()
+
+    def put(self, path, data: bytes) -> None:
+        with self.condition:
+            self.pending[path] = data
+            self.condition.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.condition:
+                while not self.pending and not self.closed:
+                    self.condition.wait()
+                if not self.pending:
+                    return
+                path, data = self.pending.popitem()
+            try:
+                write_atomic(path, data)
+                self.failed = False
+            except Exception as e:  # storage down: report once, try again with the next row
+                if not self.failed:
+                    print(f"maxgpt: could not write {path} ({one_line(e)}); will retry",
+                          file=sys.stderr, flush=True)
+                self.failed = True
+
+    def close(self) -> None:
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        self.join()
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path | None, total_steps: int, echo: bool = True):
+    """Rows go to RUN/metrics.jsonl, which is rewritten whole (atomically, in a background
+    thread) after every row: object storage cannot append, and a killed run loses at most
+    the rows of the write still in flight.
+
+    TensorBoard event files of a remote run are written to a local folder and copied to
+    RUN/tensorboard/ the same way (tensorboardX's own gs:// writer uploads in the loop's
+    threads and again at interpreter exit, where an unreachable bucket hangs it 120 s)."""
+
+    def __init__(self, run_dir: RunDir | None, total_steps: int, echo: bool = True):
         self.total_steps = total_steps
-        self.enabled = jax.process_index() == 0
+        self.enabled = distributed.is_leader()
         self.echo = echo and self.enabled
-        self.file = self.tensorboard = None
+        self.lines: list[str] = []
+        self.run_dir, self.uploader, self.tensorboard, self.events = None, None, None, None
         if run_dir is not None and self.enabled:
             from tensorboardX import SummaryWriter  # heavy import, only when writing a run
 
-            self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
-            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.run_dir = run_dir
+            if run_dir.metrics_file.is_file():
+                self.lines = [line for line in run_dir.metrics_file.read_text().splitlines()
+                              if line.strip()]
+            self.uploader = _Uploader()
+            self.uploader.start()
+            if is_remote(run_dir.path):
+                self.events = Path(tempfile.mkdtemp(prefix="maxgpt-tensorboard-"))
+            self.tensorboard = SummaryWriter(os.fspath(self.events or run_dir.tensorboard))
+
+    def _flush(self) -> None:
+        if self.uploader is None:
+            return
+        self.uploader.put(self.run_dir.metrics_file,
+                          "".join(line + "\n" for line in self.lines).encode())
+        if self.events is not None:
+            self.tensorboard.flush()
+            self._put_events()
+
+    def _put_events(self) -> None:
+        for path in self.events.iterdir():
+            self.uploader.put(self.run_dir.tensorboard / path.name, path.read_bytes())
 
     def drop_rows_after(self, step: int) -> None:
         """Forget rows past `step` (a run resumed from its step-`step` checkpoint trains and
         logs those steps again; metrics.jsonl keeps one row per step and kind)."""
-        if self.file is None:
-            return
-        path = Path(self.file.name)
-        self.file.close()
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text("".join(line + "\n" for line in rows))
-        tmp.replace(path)
-        self.file = open(path, "a", buffering=1)
+        kept = [line for line in self.lines if json.loads(line).get("step", 0) <= step]
+        if kept != self.lines:
+            self.lines = kept
+            self._flush()
 
     def write(self, row: dict[str, Any]) -> dict[str, Any]:
         """Log one row (JSON, TensorBoard, console); returns it as written."""
         row = {k: _plain(v) for k, v in row.items()}
-        if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                     self.tensorboard.add_scalar(name, value, row["step"])
+        if self.uploader is not None:
+            self.lines.append(json.dumps(row))
+            self._flush()
         if self.echo:
             print(format_row(row, self.total_steps), flush=True)
         return row
@@ -92,7 +162,12 @@ class MetricsWriter:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.events is not None:
+            self._put_events()  # the closed event files, whole
+        if self.uploader is not None:
+            self.uploader.close()
+        if self.events is not None:
+            shutil.rmtree(self.events, ignore_errors=True)
+

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 
+from maxgpt.run_dir import RunDir
+from maxgpt.storage import is_remote, upload_tree
+
 
 class Profile:
     """`train.profile_steps=A:B`: a jax.profiler trace of steps A..B (inclusive) written to
-    RUN_DIR/profile by every process (TensorBoard's profile plugin or Perfetto read it)."""
+    RUN_DIR/profile by every process (TensorBoard's profile plugin or Perfetto read it). For a
+    remote run directory the trace is written locally and uploaded when it ends."""
 
-    def __init__(self, steps: tuple[int, int] | None, run_dir: Path | None, writer):
+    def __init__(self, steps: tuple[int, int] | None, run_dir: RunDir | None, writer):
         self.steps, self.writer, self.active = steps, writer, False
-        self.directory = None if run_dir is None else run_dir / "profile"
+        self.directory = None if run_dir is None else run_dir.profile
         if steps is not None and run_dir is None:
             writer.info("maxgpt: train.profile_steps needs a run directory; not profiling")
             self.steps = None
 
     def before(self, step: int) -> None:
         if self.steps is not None and step == self.steps[0]:
-            jax.profiler.start_trace(str(self.directory))
+            remote = is_remote(self.directory)
+            self.local = Path(tempfile.mkdtemp(prefix="maxgpt-profile-") if remote else
+                              self.directory)
+            jax.profiler.start_trace(os.fspath(self.local))
             self.active = True
 
     def after(self, step: int, metrics) -> None:
@@ -34,3 +44,6 @@ class Profile:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if is_remote(self.directory):
+                upload_tree(self.local, self.directory)
+                shutil.rmtree(self.local)

@@ -22,14 +22,17 @@ ladder.png (log-log: runs, the fitted frontier, the extrapolation).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-from pathlib import Path
+
+from etils import epath
 
 import numpy as np
 
 from maxgpt.config import ConfigError, load_config
 from maxgpt.planning import Law
+from maxgpt.storage import PathLike, as_path, write_atomic
 
 # The default ladder: 4 widths x 3 token budgets, ~25 minutes on a 2-core CPU on the
 # built-in corpus (docs/scaling.md). A size is WIDTHxLAYERS (heads of 32), trained at every
@@ -96,7 +99,7 @@ def non_embedding_params(cfg) -> int:
     return count_params(cfg) - tables
 
 
-def run_rung(rung: Rung, out: Path, base: tuple[str, ...], echo) -> dict:
+def run_rung(rung: Rung, out: epath.Path, base: tuple[str, ...], echo) -> dict:
     """Train one rung on one device (or finish it, or read its cached result) and evaluate
     its final checkpoint on the held-out split."""
     import jax
@@ -120,9 +123,7 @@ def run_rung(rung: Rung, out: Path, base: tuple[str, ...], echo) -> dict:
     result = {"name": rung.name, "width": rung.width, "layers": rung.layers,
               "params": n, "tokens": tokens, "flops": 6 * n * tokens,
               "loss": final["eval_loss"], "eval_tokens": final["eval_tokens"]}
-    tmp = result_file.with_suffix(".partial")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(result_file)
+    write_atomic(result_file, json.dumps(result).encode())
     return result
 
 
@@ -183,7 +184,7 @@ def bootstrap(params, tokens, losses, target: float, samples: int, seed: int = 0
     return out
 
 
-def plot(runs: list[dict], law: Law, target: dict, path: Path) -> None:
+def plot(runs: list[dict], law: Law, target: dict, path: epath.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,11 +215,13 @@ def plot(runs: list[dict], law: Law, target: dict, path: Path) -> None:
     ax.set_title(f"L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
-def ladder(out: Path, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS, target: float | None = None,
+def ladder(out: PathLike, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS, target: float | None = None,
            samples: int = 200, base: tuple[str, ...] = (), echo=print) -> dict:
     """Train what is missing of the ladder, fit, extrapolate, write fit.json and ladder.png."""
     rungs = []
@@ -228,6 +231,7 @@ def ladder(out: Path, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS, target: float 
     if len({r.name for r in rungs}) != len(rungs):
         raise ConfigError("the ladder lists the same size and token budget twice")
     load_config(None, [*RUN_DEFAULTS, *base])  # a bad override fails before any training
+    out = as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [run_rung(r, out, tuple(base), echo) for r in rungs]
     n, d, y = ([r[k] for r in runs] for k in ("params", "tokens", "loss"))
@@ -246,6 +250,6 @@ def ladder(out: Path, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS, target: float 
                            for c in np.geomspace(min(r["flops"] for r in runs),
                                                  prediction["flops"], 8).tolist()],
               "runs": runs}
-    (out / "fit.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out / "fit.json", json.dumps(result, indent=1).encode())
     plot(runs, law, prediction, out / "ladder.png")
     return result

@@ -183,3 +183,8 @@ def data_shards(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def per_device(mesh: Mesh) -> NamedSharding:
+    """A 1-D array of one element per device of the mesh (host-side votes, maxgpt/checkpoint)."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))

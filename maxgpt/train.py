@@ -12,26 +12,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import time
-import uuid
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from maxgpt import sharding
+from maxgpt import distributed, sharding
 from maxgpt.config import Config, ConfigError
-from maxgpt.checkpoint import Checkpointer, load_params
+from maxgpt.checkpoint import Checkpointer, SaveTimer, load_params
 from maxgpt.data import SyntheticSource
-from maxgpt.data.pipeline import (BATCH_KEYS, TOKENIZER_FILE, Corpus, StreamReader, batches,
-                                  check_eval_split, describe, resolve_corpus)
+from maxgpt.data.pipeline import (BATCH_KEYS, Corpus, StreamReader, batches, check_eval_split,
+                                  describe, resolve_corpus)
 from maxgpt.evaluate import evaluate
 from maxgpt.generate import print_sample
 from maxgpt.flops import flops_per_token, peak_flops
@@ -41,6 +37,8 @@ from maxgpt.loss import chunk_size, token_losses
 from maxgpt.optim import learning_rate, make_optimizer
 from maxgpt.profiling import Profile
 from maxgpt.preemption import StopRequest
+from maxgpt.run_dir import RunDir
+from maxgpt.storage import PathLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,29 +258,20 @@ def _describe_compile(compiled, seconds: float) -> str:
     return text
 
 
-def write_run_dir(cfg: Config, run_dir: Path, corpus: Corpus | None) -> None:
-    """config.yaml (the resolved config, rewritten on resume with its overrides) and the
-    tokenizer the run reads with, so that a run directory is self-contained."""
-    if jax.process_index() != 0:
-        return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        own = run_dir / TOKENIZER_FILE
-        if corpus is not None and corpus.tokenizer_path != own:
-            tmp = own.with_name(f"{own.name}.partial-{uuid.uuid4().hex}")
-            tmp.write_bytes(corpus.tokenizer.model_proto)
-            tmp.replace(own)  # other processes may be reading it: never a half-written file
-    except OSError as e:  # before any training: nothing to lose yet
-        raise ConfigError(f"cannot write the run directory {run_dir}: "
-                          f"{e.strerror or e}") from None
-
-
-def open_corpus(cfg: Config, run_dir: Path | None) -> Corpus | None:
+def open_corpus(cfg: Config, run_dir: RunDir | None) -> Corpus | None:
     """The run's data; a run directory's own tokenizer.model wins (a resumed or evaluated
-    run reads with the tokenizer it was trained with)."""
-    own = None if run_dir is None else run_dir / TOKENIZER_FILE
-    return resolve_corpus(cfg, own if own is not None and own.is_file() else None)
+    run reads with the tokenizer it was trained with). All processes must read with the
+    same tokenizer (each may have built the built-in corpus's on its own host)."""
+    own = None if run_dir is None else run_dir.tokenizer_file
+    corpus = resolve_corpus(cfg, own if own is not None and own.is_file() else None)
+    if corpus is not None:
+        prints = distributed.gather_text(corpus.tokenizer.fingerprint)
+        if len(set(prints)) > 1:
+            raise ConfigError(
+                f"the processes of this job read with different tokenizers (fingerprints "
+                f"{', '.join(prints)} for processes 0..{len(prints) - 1}, from "
+                f"{corpus.tokenizer_path}); give them one data.tokenizer on shared storage")
+    return corpus
 
 
 def make_source(trainer: Trainer, corpus: Corpus | None):
@@ -310,8 +299,7 @@ def data_fingerprint(trainer: Trainer, corpus: Corpus | None) -> dict[str, Any]:
     """What a saved iterator state is only valid for: resuming with other data settings
     would read other batches (or fail inside grain), so a mismatch is reported instead."""
     cfg = trainer.cfg
-    tokenizer = None if corpus is None else hashlib.sha256(
-        corpus.tokenizer.model_proto).hexdigest()[:16]
+    tokenizer = None if corpus is None else corpus.tokenizer.fingerprint
     return {"source": cfg.data.source, "sources": cfg.data.sources, "tokenizer": tokenizer,
             "seq_len": cfg.train.seq_len, "seed": cfg.train.seed,
             "streams": trainer.streams, "num_workers": cfg.data.num_workers,
@@ -371,14 +359,19 @@ def _save(checkpointer: Checkpointer, step: int, state, source, fingerprint: dic
                       cfg, None if corpus is None else corpus.tokenizer.model_proto)
 
 
-def run(cfg: Config, run_dir: Path | None = None, devices=None,
+def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         echo: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train to `train.steps`, resuming from run_dir's newest checkpoint if it has one.
 
-    SIGTERM/SIGINT end the run early after the current step, with a checkpoint (if there is
-    a run directory). Returns the final state and the logged metric rows (train and eval).
+    An existing run continues only with a config that differs from its config.yaml in
+    resumable keys (maxgpt/run_dir.py); its files are rewritten only once the resume is
+    accepted. SIGTERM/SIGINT end the run early after the current step, with a checkpoint
+    (if there is a run directory). Returns the final state and the logged metric rows.
     """
-    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is not None:
+        run_dir = RunDir(run_dir)
+        run_dir.check_shared()  # before anything is read or written
+        cfg = run_dir.continue_with(cfg)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     if not cfg.data.streams:  # fixed now, in config.yaml: a resume keeps the data order
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
@@ -387,8 +380,6 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
     corpus = open_corpus(cfg, run_dir)
     if corpus is not None and cfg.train.eval_every > 0:  # fail now, not at the first eval
         check_eval_split(corpus, cfg.train.seq_len, trainer.streams)
-    if run_dir is not None:
-        write_run_dir(cfg, run_dir, corpus)
     peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))
     n_params = count_params(cfg)  # outside the mesh context: abstract, unsharded shapes
     with contextlib.ExitStack() as stack:
@@ -404,6 +395,8 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                     f"{peak_source}")
         fingerprint = data_fingerprint(trainer, corpus)
         state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)
+        if run_dir is not None:  # the start or resume is accepted: now the run is written
+            run_dir.write(cfg, None if corpus is None else corpus.tokenizer.model_proto)
         writer.drop_rows_after(first)  # steps after the checkpoint are trained (logged) again
 
         start = time.perf_counter()
@@ -416,6 +409,7 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
         last_time, last_step = time.perf_counter(), first
         profile = Profile(cfg.train.profile_range(), run_dir, writer)
         stack.callback(profile.stop)
+        timer = SaveTimer(cfg.checkpoint.every_minutes if checkpointer else 0, trainer.mesh)
         for step in range(first, cfg.train.steps):
             profile.before(step + 1)
             state, metrics = compiled(state, trainer.global_batch(next(source)))
@@ -425,6 +419,7 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
             _check_bad_steps(previous, cfg, done - 1)
             previous = metrics
             stopped = stop(done)
+            timed = timer.due()
             if stopped or done == first + 1 or _due(done, cfg.train.log_every, cfg.train.steps):
                 metrics = jax.device_get(metrics)  # waits for the step: honest timing
                 now = time.perf_counter()
@@ -440,9 +435,10 @@ def run(cfg: Config, run_dir: Path | None = None, devices=None,
                 last_time, last_step = now, done
             # Save before evaluating: a failing evaluation must not cost the checkpoint.
             saving = checkpointer is not None and (
-                stopped or _due(done, cfg.checkpoint.every, cfg.train.steps))
+                stopped or timed or _due(done, cfg.checkpoint.every, cfg.train.steps))
             if saving:
                 _save(checkpointer, done, state, source, fingerprint, corpus, cfg)
+                timer.saved()
             if stopped:
                 writer.info(f"maxgpt: {stop.signal_name or 'preemption'}: stopped after step "
                             f"{done}" + (f", checkpoint saved; continue with `maxgpt train "

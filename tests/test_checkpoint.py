@@ -18,19 +18,21 @@ import pytest
 from maxgpt import train
 from maxgpt.config import ConfigError
 from maxgpt.data import SyntheticSource
+from maxgpt.storage import as_path
 from tests.conftest import REPO, make_config
 
 STEPS = 30
 # The smoke run (tiny model, built-in corpus, 512-piece tokenizer), saving every step.
-ARGS = ["--config", "configs/experiments/smoke.yaml", f"train.steps={STEPS}",
+ARGS = ["--config", os.path.join(REPO, "configs/experiments/smoke.yaml"), f"train.steps={STEPS}",
         "train.log_every=1", "train.eval_every=0", "checkpoint.every=1", "checkpoint.keep=2",
         "data.num_workers=0"]
 
 
-def start(run_dir: Path) -> subprocess.Popen:
+def start(run_dir, cwd=REPO) -> subprocess.Popen:
+    """The same command every time (a restart is the first command again)."""
     return subprocess.Popen([sys.executable, "-m", "maxgpt", "train", "--run-dir", str(run_dir),
-                             *(ARGS if not (run_dir / "config.yaml").exists() else ARGS[2:])],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *ARGS], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def wait_for_step(proc: subprocess.Popen, step: int) -> None:
@@ -40,14 +42,14 @@ def wait_for_step(proc: subprocess.Popen, step: int) -> None:
     raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()}")
 
 
-def final_params(run_dir: Path) -> dict:
+def final_params(run_dir) -> dict:
     """Read the last checkpoint with plain orbax, as docs/checkpoints.md says one can."""
     step_dir = run_dir / "checkpoints" / str(STEPS) / "state"
     state = ocp.StandardCheckpointer().restore(step_dir)
     return jax.tree.map(np.asarray, state["params"])
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir) -> dict[int, float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len({r["step"] for r in rows}) == len(rows)  # one row per step, also after resume
     return {r["step"]: r["loss"] for r in rows}
@@ -62,7 +64,7 @@ def straight(tmp_path_factory) -> Path:
     return run_dir
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a, b) -> None:
     assert losses(a) == losses(b)
     for x, y in zip(jax.tree.leaves(final_params(a)), jax.tree.leaves(final_params(b))):
         np.testing.assert_array_equal(x, y)  # bit for bit
@@ -102,6 +104,32 @@ def test_sigkill_during_asynchronous_saves_never_breaks_the_resume(straight, tmp
     assert proc.returncode == 0, err
     assert_same_run(straight, run_dir)
     assert not [p for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_sigkill_during_asynchronous_saves_on_a_bucket(straight, bucket, tmp_path):
+    """The same on gs:// (orbax commits a step there with a commit_success.txt instead of a
+    rename): killed while saving, resumed by the same command, bit for bit the straight
+    run; the metrics rows written before the kill are in the bucket; nothing of the run is
+    written locally."""
+    run_dir = as_path(bucket)
+    in_flight = []
+    for kill_after in (4, 12):
+        proc = start(run_dir, cwd=tmp_path)
+        wait_for_step(proc, kill_after)
+        proc.kill()
+        proc.wait()
+        in_flight += [p.name for p in (run_dir / "checkpoints").iterdir()
+                      if p.name.isdigit() and not (p / "commit_success.txt").exists()]
+        rows = [json.loads(x)["step"] for x in
+                (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert rows and rows == list(range(1, len(rows) + 1))  # flushed before the kill
+    assert in_flight  # a save was being written when the process died
+    proc = start(run_dir, cwd=tmp_path)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert_same_run(straight, run_dir)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert os.listdir(tmp_path) == []  # no local `gs:` folder, nothing else either
 
 
 def in_process(*overrides):
@@ -195,6 +223,11 @@ def test_another_architecture_names_the_first_mismatched_parameter(tmp_path):
     train.run(in_process("train.steps=1"), tmp_path / "run", echo=False)
     with pytest.raises(ConfigError, match=r"parameter blocks/attn/k_proj is \(2, 64, 2, 16\) "
                                           r"there but \(2, 32, 2, 8\) in this config"):
+        train.run(in_process("train.steps=2", "model.embed_dim=32",
+                             f"checkpoint.load_params_from={tmp_path / 'run'}"),
+                  tmp_path / "other", echo=False)
+    with pytest.raises(ConfigError, match="holds a run with model.embed_dim=64, this command "
+                                          "asks for model.embed_dim=32"):
         train.run(in_process("train.steps=2", "model.embed_dim=32"), tmp_path / "run",
                   echo=False)
 

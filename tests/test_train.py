@@ -244,10 +244,11 @@ def test_resumed_run_sees_exactly_the_batches_of_a_straight_run(tmp_path):
 
     # Other data settings cannot continue this data position: one clear error, nothing lost.
     moved = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.num_workers=0")
-    with pytest.raises(ConfigError, match="num_workers: 1 then, 0 now"):
+    with pytest.raises(ConfigError, match="data.num_workers=1, this command asks for "
+                                          "data.num_workers=0"):
         train.run(moved, tmp_path / "resumed", echo=False)
     restreamed = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.streams=2")
-    with pytest.raises(ConfigError, match="streams: 1 then, 2 now"):
+    with pytest.raises(ConfigError, match="data.streams=1, this command asks for data.streams=2"):
         train.run(restreamed, tmp_path / "resumed", echo=False)
     assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["3", "6"]
 

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
 from absl import flags
 import numpy as np
+from etils import epath
 from grain.experimental import (ConcatThenSplitIterDataset, ThreadPrefetchIterDataset,
                                 WindowShuffleIterDataset)
 
@@ -49,6 +49,7 @@ from maxgpt.config import Config, ConfigError
 from maxgpt.data import builtin
 from maxgpt.data.prepare import document_source, read_summary
 from maxgpt.data.tokenizer import MIN_VOCAB, Tokenizer
+from maxgpt.storage import as_path
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids")
 # Packed rows are shuffled in windows of this many before batching: a long document fills
@@ -63,21 +64,21 @@ TOKENIZER_FILE = "tokenizer.model"
 class Corpus:
     """What a run reads: prepared datasets with mixture weights, and one tokenizer."""
 
-    sources: tuple[tuple[Path, float], ...]
-    tokenizer_path: Path
+    sources: tuple[tuple[epath.Path, float], ...]  # local paths or URIs (gs://...)
+    tokenizer_path: epath.Path
     tokenizer: Tokenizer
 
 
-def _source_dir(name: str) -> Path:
+def _source_dir(name: str) -> epath.Path:
     if name == "builtin":
-        return builtin.prepared_corpus()
+        return as_path(builtin.prepared_corpus())
     read_summary(name)  # a clear error if it is not a prepared dataset
-    return Path(name)
+    return as_path(name)
 
 
-def _default_tokenizer(name: str, directory: Path, cfg: Config) -> Path:
+def _default_tokenizer(name: str, directory: epath.Path, cfg: Config) -> epath.Path:
     if name == "builtin":
-        return builtin.tokenizer_path(cfg.model.vocab_size)
+        return as_path(builtin.tokenizer_path(cfg.model.vocab_size))
     path = directory / TOKENIZER_FILE
     if not path.is_file():
         raise ConfigError(f"{directory} has no {TOKENIZER_FILE}; train one with `maxgpt "
@@ -85,7 +86,7 @@ def _default_tokenizer(name: str, directory: Path, cfg: Config) -> Path:
     return path
 
 
-def resolve_corpus(cfg: Config, tokenizer: Path | None = None) -> Corpus | None:
+def resolve_corpus(cfg: Config, tokenizer: epath.Path | None = None) -> Corpus | None:
     """The datasets and tokenizer `cfg.data` names (None for synthetic data), checked.
 
     `tokenizer`, when given, wins over `data.tokenizer` (a run directory's own copy).
@@ -104,7 +105,7 @@ def resolve_corpus(cfg: Config, tokenizer: Path | None = None) -> Corpus | None:
     if tokenizer is not None:
         path = tokenizer
     elif d.tokenizer:
-        path = Path(d.tokenizer)
+        path = as_path(d.tokenizer)
     else:
         path = _default_tokenizer(str(named[0][0]), sources[0][0], cfg)
     tokenizer = Tokenizer.load(path)
@@ -149,7 +150,7 @@ def _seed(seed: int, *purpose: int) -> int:
     return int(np.random.SeedSequence([seed, *purpose]).generate_state(1)[0])
 
 
-def _documents(directory: Path, split: str, tokenizer: Tokenizer, seed: int | None,
+def _documents(directory: epath.Path, split: str, tokenizer: Tokenizer, seed: int | None,
                stream: tuple[int, int], repeat: bool) -> grain.MapDataset:
     index, count = stream
     ds = grain.MapDataset.source(document_source(directory, split))

@@ -27,8 +27,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -39,6 +39,7 @@ from grain.sources import ArrayRecordDataSource
 from tqdm import tqdm
 
 from maxgpt.config import ConfigError
+from maxgpt.storage import PathLike, as_path, staging_dir, upload_tree
 
 SPLITS = ("train", "validation")
 SUMMARY = "summary.json"
@@ -179,11 +180,13 @@ class _ShardWriter:
             self._writer = None
 
 
-def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = "text",
+def prepare(inputs: Sequence[str | Path], out: PathLike, *, text_field: str = "text",
             text_suffixes: Sequence[str] = (".txt",), validation_fraction: float = 0.01,
             shard_bytes: int = 128 * 2**20, progress: bool = True) -> dict:
-    """Write the prepared dataset to `out` and return its summary."""
-    out = Path(out)
+    """Write the prepared dataset to `out` (a local directory or a URI) and return its
+    summary. It is built locally; a remote `out` gets it uploaded, summary.json last, so
+    that a dataset whose summary exists is whole."""
+    out = as_path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not empty; choose a new output "
                           "directory (nothing was changed)")
@@ -194,9 +197,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = 
         raise ConfigError(f"no input files ({', '.join((*text_suffixes, *STRUCTURED_SUFFIXES))})"
                           f" under {', '.join(map(str, inputs))}")
     # unique: processes (on several hosts of a shared filesystem) may race to prepare it
-    tmp = out.with_name(f"{out.name}.partial-{uuid.uuid4().hex}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp, remote = staging_dir(out)
+    tmp.mkdir(parents=True, exist_ok=True)
     reader = _Reader(text_field)
     writers = {split: _ShardWriter(tmp, split, shard_bytes) for split in SPLITS}
     total = sum(f.stat().st_size for f in files)
@@ -222,6 +224,12 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = 
         raise ConfigError(f"no usable training documents in {', '.join(map(str, inputs))} "
                           f"(skipped: {summary['skipped'] or 'nothing'})")
     (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if remote:
+        try:
+            upload_tree(tmp, out, last=SUMMARY)
+        finally:
+            shutil.rmtree(tmp)
+        return summary
     if out.exists():
         out.rmdir()  # checked empty above
     try:
@@ -232,10 +240,10 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, text_field: str = 
     return summary
 
 
-def read_summary(directory: str | Path) -> dict:
+def read_summary(directory: PathLike) -> dict:
     """The summary of a prepared dataset; a clear error for anything else."""
-    path = Path(directory) / SUMMARY
-    if not Path(directory).is_dir():
+    path = as_path(directory) / SUMMARY
+    if not as_path(directory).is_dir():
         raise ConfigError(f"dataset directory not found: {directory}")
     if not path.is_file():
         raise ConfigError(f"{directory} is not a prepared dataset (no {SUMMARY}); "
@@ -243,18 +251,19 @@ def read_summary(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def document_source(directory: str | Path, split: str) -> ArrayRecordDataSource:
-    """Random access to the documents (UTF-8 bytes) of one split of a prepared dataset."""
-    directory = Path(directory)
+def document_source(directory: PathLike, split: str) -> ArrayRecordDataSource:
+    """Random access to the documents (UTF-8 bytes) of one split of a prepared dataset,
+    local or remote (array_record reads gs:// itself)."""
+    directory = as_path(directory)
     shards = read_summary(directory)["splits"][split]["shards"]
     if not shards:
         hint = (" (prepare it with --validation-fraction above 0, or set train.eval_every=0)"
                 if split == "validation" else "")
         raise ConfigError(f"{directory} has no {split} documents{hint}")
-    return ArrayRecordDataSource([str(directory / shard) for shard in shards])
+    return ArrayRecordDataSource([os.fspath(directory / shard) for shard in shards])
 
 
-def sample_documents(directory: str | Path, split: str = "train", seed: int = 0) -> Iterator[str]:
+def sample_documents(directory: PathLike, split: str = "train", seed: int = 0) -> Iterator[str]:
     """A split's documents in a seeded random order, read lazily (a tokenizer's training
     sample should not be the alphabetically first files)."""
     source = document_source(directory, split)

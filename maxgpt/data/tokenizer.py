@@ -12,9 +12,9 @@ Choices, and why:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
-import uuid
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -22,6 +22,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from maxgpt.config import ConfigError
+from maxgpt.storage import PathLike, as_path, write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MIN_VOCAB = 256 + 4 + 4  # byte pieces, the specials, and at least a few merges
@@ -38,9 +39,14 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.get_piece_size()
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits of the model file's SHA-256: equal tokenizers, equal fingerprints."""
+        return hashlib.sha256(self.model_proto).hexdigest()[:16]
+
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
+    def load(cls, path: PathLike) -> "Tokenizer":
+        path = as_path(path)
         if not path.is_file():
             raise ConfigError(f"tokenizer file not found: {path}")
         try:
@@ -105,7 +111,7 @@ def _sample(documents: Iterable[str], sample_bytes: int, progress: bool) -> Iter
                 return
 
 
-def train_tokenizer(documents: Iterable[str], out: str | Path, vocab_size: int,
+def train_tokenizer(documents: Iterable[str], out: PathLike, vocab_size: int,
                     model_type: str = "bpe", sample_bytes: int = 32_000_000,
                     threads: int = 2, progress: bool = True) -> Tokenizer:
     """Train on the first `sample_bytes` of `documents` (give them shuffled) and write `out`.
@@ -130,9 +136,7 @@ def train_tokenizer(documents: Iterable[str], out: str | Path, vocab_size: int,
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(f"sentencepiece could not train a {vocab_size}-piece {model_type} "
                           f"tokenizer on this sample: {message}") from None
-    out = Path(out)
+    out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.partial-{uuid.uuid4().hex}")  # processes may race
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out)  # never a half-written tokenizer under the real name
+    write_atomic(out, model.getvalue())  # processes may race: never a half-written file
     return Tokenizer(model.getvalue())
