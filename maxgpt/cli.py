@@ -421,9 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus `section.key=value` overrides wherever they stand: before the flags,
+    after them or between (argparse's positionals stop at the first flag)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if hasattr(args, "overrides") and "=" in a
+                 and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
         if getattr(args, "distributed", False):
             from maxgpt import distributed
 

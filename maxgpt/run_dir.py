@@ -152,7 +152,7 @@ class RunDir:
             probes.mkdir(parents=True, exist_ok=True)
             (probes / f"{token}-{index}").write_text(host)
         except Exception as e:  # OSError, or whatever a storage client raises
-            error = f"cannot write to {self}: {one_line(e)}"
+            error = f"cannot write the run directory {self}: {one_line(e)}"
         distributed.barrier("maxgpt-run-dir-probes-written")
         seen = ["1" if (probes / f"{token}-{i}").exists() else "0" for i in range(count)]
         rows = distributed.gather_text("".join(seen))

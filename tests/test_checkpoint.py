@@ -256,6 +256,16 @@ def test_keep_newest_and_every_kth(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir()) == [4, 7, 8]
 
 
+def test_timed_saves(tmp_path):
+    """checkpoint.every_minutes: once the time has passed (here at once), the processes'
+    votes decide one step later and the clock restarts at each save: every other step, and
+    the last; the every-N-steps saves stay as they were."""
+    train.run(in_process("train.steps=7", "checkpoint.every=0", "checkpoint.keep=100",
+                         "checkpoint.every_minutes=1e-9"), tmp_path / "timed", echo=False)
+    assert sorted(int(p.name) for p in (tmp_path / "timed/checkpoints").iterdir()) == [
+        2, 4, 6, 7]
+
+
 def test_unwritable_run_dir_is_reported_before_training(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write the run directory"):

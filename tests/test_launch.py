@@ -3,16 +3,19 @@ stopped by SIGTERM and resumed on another process count, against one process."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import yaml
 
 from maxgpt import cli, train
 from maxgpt.config import load_config
+from maxgpt.storage import as_path
 from tests.conftest import REPO
 
 LAUNCH = [sys.executable, os.path.join(REPO, "launch", "local.py")]
@@ -39,19 +42,24 @@ def test_dry_run_prints_each_process_environment_and_command():
         assert line.endswith(" maxgpt train train.steps=3")
 
 
-def test_two_processes_stopped_and_resumed_on_one_equal_one_process(tmp_path):
-    """The data order depends on data.streams, not on the process count: 2 processes x 4
-    devices (2 streams: one per process), stopped by SIGTERM and resumed by 1 process x 8
-    devices (reading both streams), give the losses of 1 process x 8 devices throughout."""
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The metric rows of the run on 1 process x 8 devices, with the 2 streams that 2
+    processes x 4 devices get."""
     cfg = load_config(os.path.join(REPO, CONFIG), [*OVERRIDES, "data.streams=2"])
-    _, reference = train.run(cfg, tmp_path / "one", echo=False)
+    return train.run(cfg, tmp_path_factory.mktemp("one") / "run", echo=False)[1]
 
-    two = tmp_path / "two"
-    proc = subprocess.Popen([*LAUNCH, "--processes", "2", "--devices-per-process", "4", "--",
-                             *TRAIN, "--run-dir", str(two)], cwd=REPO,
+
+def start_two(run_dir, *extra) -> subprocess.Popen:
+    return subprocess.Popen([*LAUNCH, "--processes", "2", "--devices-per-process", "4", "--",
+                             *TRAIN, "--run-dir", str(run_dir), *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_after_some_steps(proc: subprocess.Popen, run_dir) -> int:
+    """SIGTERM once 3 steps are logged; the step both processes agreed to stop after."""
     deadline = time.monotonic() + 300
-    while not ((two / "metrics.jsonl").exists() and len(rows(two)) >= 3):
+    while not ((run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # passed on to both processes
@@ -59,8 +67,25 @@ def test_two_processes_stopped_and_resumed_on_one_equal_one_process(tmp_path):
     assert proc.returncode == 0, err
     stopped = [line for line in err.splitlines() if "stopped after step" in line]
     assert len(stopped) == 1 and stopped[0].startswith("[0] "), err  # agreed; 0 logs it
-    step = max(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())
+    step = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert 3 <= step < 40 and str(step) in stopped[0]
+    return step
+
+
+def assert_same_losses(run_dir, reference) -> None:
+    expected, got = {r["step"]: r["loss"] for r in reference if "loss" in r}, rows(run_dir)
+    assert sorted(got) == list(range(1, 41))
+    np.testing.assert_allclose([got[s] for s in sorted(got)],
+                               [expected[s] for s in sorted(expected)], rtol=2e-5)
+
+
+def test_two_processes_stopped_and_resumed_on_one_equal_one_process(one_process, tmp_path):
+    """The data order depends on data.streams, not on the process count: 2 processes x 4
+    devices (2 streams: one per process), stopped by SIGTERM and resumed by 1 process x 8
+    devices (reading both streams), give the losses of 1 process x 8 devices throughout."""
+    reference = one_process
+    two = tmp_path / "two"
+    step = stop_after_some_steps(start_two(two), two)
     # each process saved the position of the stream it read
     data = two / "checkpoints" / str(step) / "data"
     assert [json.loads((data / f"process_{i}-of-2.json").read_text())["iterator"]["streams"]
@@ -68,13 +93,41 @@ def test_two_processes_stopped_and_resumed_on_one_equal_one_process(tmp_path):
     assert yaml.safe_load((two / "config.yaml").read_text())["data"]["streams"] == 2
 
     assert cli.main(["train", "--run-dir", str(two)]) == 0  # continues from config.yaml
-    expected, got = {r["step"]: r["loss"] for r in reference if "loss" in r}, rows(two)
-    assert sorted(got) == list(range(1, 41))
-    np.testing.assert_allclose([got[s] for s in sorted(got)],
-                               [expected[s] for s in sorted(expected)], rtol=2e-5)
+    assert_same_losses(two, reference)
     np.testing.assert_allclose(
         [rows(two, "eval_loss")[s] for s in (20, 40)],
         [r["eval_loss"] for r in reference if "eval_loss" in r], rtol=2e-5)
+
+
+def test_two_processes_on_a_bucket_restarted_by_the_same_command(one_process, bucket):
+    """2 processes x 4 devices on a gs:// run dir, saving on a timer (every_minutes tiny: a
+    save every other step, decided by all processes together), stopped by SIGTERM and
+    started again by the very same command: the losses of one process throughout."""
+    run_dir = as_path(bucket)
+    timed = "checkpoint.every_minutes=1e-9"
+    step = stop_after_some_steps(start_two(run_dir, timed), run_dir)
+    out, err = start_two(run_dir, timed).communicate(timeout=300)
+    assert f"[0] resumed from {bucket}/checkpoints/{step}" in err, err
+    assert_same_losses(run_dir, one_process)
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())
+    assert saved[-1] == 40 and len(saved) == 3  # checkpoint.keep=3, the newest: timed saves
+    assert all(s % 10 for s in saved[:-1])  # ... between the every-10-steps ones
+
+
+def test_processes_that_do_not_share_the_run_dir_stop_at_once(tmp_path):
+    """Each process its own local folder (what separate hosts' disks are): one line on
+    every process naming the hosts and the path, exit 2, seconds after the start."""
+    started = time.monotonic()
+    own = f"{shlex.join(TRAIN)} --run-dir {tmp_path}/own$MAXGPT_PROCESS_ID"
+    done = subprocess.run([*LAUNCH, "--processes", "2", "--devices-per-process", "4", "--",
+                           "sh", "-c", f"exec {own}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "maxgpt: error:" in line]
+    assert len(errors) == 2 and all("does not see the files process" in e for e in errors)
+    assert {e.split()[0] for e in errors} == {"[0]", "[1]"}
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "own0" / "config.yaml").exists()
 
 
 INTERLEAVED = """
@@ -82,6 +135,7 @@ import json, sys
 import jax
 from maxgpt import distributed, sharding, train
 from maxgpt.config import load_config
+from maxgpt.storage import as_path
 distributed.initialize()
 own = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
 devices = [d for pair in zip(*own) for d in pair]  # p0, p1, p0, p1, ...
