@@ -6,6 +6,7 @@
     RUN/tensorboard/       event files
     RUN/checkpoints/       orbax step directories (maxgpt/checkpoint.py)
     RUN/profile/           jax.profiler traces (train.profile_steps)
+    RUN/owner.json         the training job that owns the run while it runs (maxgpt/owner.py)
 
 RUN may be a local path or a URI (`gs://bucket/runs/x`, maxgpt/storage.py). Every process
 of a job must see the same RUN: `check_shared` proves it before anything is written.
@@ -89,6 +90,10 @@ class RunDir:
     @property
     def profile(self):
         return self.path / "profile"
+
+    @property
+    def owner_file(self):
+        return self.path / "owner.json"
 
     def holds_run(self) -> bool:
         return self.config_file.is_file()

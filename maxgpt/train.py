@@ -35,6 +35,7 @@ from maxgpt.metrics import MetricsWriter
 from maxgpt.model import Transformer
 from maxgpt.loss import chunk_size, token_losses
 from maxgpt.optim import learning_rate, make_optimizer
+from maxgpt.owner import Owner
 from maxgpt.profiling import Profile
 from maxgpt.preemption import StopRequest
 from maxgpt.run_dir import RunDir
@@ -368,9 +369,12 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
     accepted. SIGTERM/SIGINT end the run early after the current step, with a checkpoint
     (if there is a run directory). Returns the final state and the logged metric rows.
     """
+    owner = None
     if run_dir is not None:
         run_dir = RunDir(run_dir)
         run_dir.check_shared()  # before anything is read or written
+        owner = Owner(run_dir.owner_file)
+        owner.check()  # a second trainer on a live run is refused
         cfg = run_dir.continue_with(cfg)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     if not cfg.data.streams:  # fixed now, in config.yaml: a resume keeps the data order
@@ -383,6 +387,8 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
     peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))
     n_params = count_params(cfg)  # outside the mesh context: abstract, unsharded shapes
     with contextlib.ExitStack() as stack:
+        if owner is not None:  # released last, after the final save is written
+            stack.enter_context(contextlib.closing(owner))
         writer = stack.enter_context(contextlib.closing(MetricsWriter(run_dir, cfg.train.steps,
                                                                       echo)))
         checkpointer = None if run_dir is None else stack.enter_context(
@@ -396,6 +402,7 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         fingerprint = data_fingerprint(trainer, corpus)
         state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)
         if run_dir is not None:  # the start or resume is accepted: now the run is written
+            owner.claim()
             run_dir.write(cfg, None if corpus is None else corpus.tokenizer.model_proto)
         writer.drop_rows_after(first)  # steps after the checkpoint are trained (logged) again
 

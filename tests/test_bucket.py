@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 
 import fsspec
 import jax
@@ -143,5 +144,16 @@ def test_the_same_command_again_continues_and_a_changed_width_is_refused(bucket,
     assert cli.main([*first, "train.steps=6", "model.embed_dim=32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("maxgpt: error: ") and "model.embed_dim" in err[0]
+    assert tree_hashes(run) == before
+
+    # A live owner elsewhere (fresh heartbeat) keeps a second trainer off the bucket run.
+    owner = as_path(run) / "owner.json"
+    assert not owner.exists()  # each finished run removed its record
+    owner.write_text(json.dumps({"host": "elsewhere", "pid": 7, "since": "then",
+                                 "heartbeat": time.time(), "token": "t"}))
+    before = tree_hashes(run)
+    capsys.readouterr()
+    assert cli.main([*first, "train.steps=8"]) == 2
+    assert "host elsewhere, pid 7, since then" in capsys.readouterr().err
     assert tree_hashes(run) == before
     assert os.listdir(cwd) == []
