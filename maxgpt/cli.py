@@ -37,7 +37,7 @@ def _existing_run(path: str):
 
 def cmd_train(args) -> int:
     from maxgpt.run_dir import RunDir
-    from maxgpt.train import run  # imports jax: keep `maxgpt --help` fast
+    from maxgpt.loop import run  # imports jax: keep `maxgpt --help` fast
 
     run_dir = None if args.run_dir is None else RunDir(args.run_dir)
     # Without --config a run continues with its own config.yaml. With one, it is the same

@@ -15,7 +15,8 @@ from maxgpt.data.pipeline import Corpus
 from maxgpt.evaluate import evaluate
 from maxgpt.run_dir import RunDir
 from maxgpt.storage import PathLike
-from maxgpt.train import Trainer, abstract_state, build_trainer, open_corpus
+from maxgpt.loop import open_corpus
+from maxgpt.train import Trainer, abstract_state, build_trainer
 
 
 def load_for_inference(run_dir: PathLike | RunDir, step: int | None = None, overrides=(),

@@ -104,7 +104,7 @@ def run_rung(rung: Rung, out: epath.Path, base: tuple[str, ...], echo) -> dict:
     its final checkpoint on the held-out split."""
     import jax
 
-    from maxgpt import train
+    from maxgpt import loop
     from maxgpt.inference import evaluate_checkpoint
 
     run_dir = out / "runs" / rung.name
@@ -114,7 +114,7 @@ def run_rung(rung: Rung, out: epath.Path, base: tuple[str, ...], echo) -> dict:
     cfg = load_config(None, rung.overrides(base))
     echo(f"scaling: training {rung.name} ({cfg.train.steps} steps)")
     devices = jax.devices()[:1]
-    train.run(cfg, run_dir, devices=devices, echo=False)  # resumes a run that was cut short
+    loop.run(cfg, run_dir, devices=devices, echo=False)  # resumes a run that was cut short
     final = evaluate_checkpoint(run_dir, devices=devices)
     if final["step"] != cfg.train.steps:
         raise RuntimeError(f"{rung.name}: stopped at step {final['step']} of {cfg.train.steps}")

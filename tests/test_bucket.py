@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from maxgpt import cli, train
+from maxgpt import cli, loop, train
 from maxgpt.checkpoint import Checkpointer
 from maxgpt.config import load_config
 from maxgpt.data.pipeline import batches, resolve_corpus
@@ -91,7 +91,7 @@ def test_every_command_on_a_bucket(bucket, cwd, tmp_path, capsys):
         final, _ = checkpointer.restore(4, train.abstract_state(trainer),
                                         trainer.state_shardings, data=False)
         for start in starting:
-            state, first = train.restore_or_init(start, None, None, {},
+            state, first = loop.restore_or_init(start, None, None, {},
                                                  MetricsWriter(None, 1, echo=False))
             assert first == 0
             for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(final["params"])):

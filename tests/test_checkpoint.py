@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from maxgpt import train
+from maxgpt import loop, train
 from maxgpt.config import ConfigError
 from maxgpt.data import SyntheticSource
 from maxgpt.storage import as_path
@@ -140,14 +140,14 @@ def in_process(*overrides):
 
 def test_restore_onto_other_meshes_continues_with_the_same_losses(tmp_path):
     cfg = in_process("train.steps=6", "checkpoint.every=3", "mesh.data=1", "mesh.fsdp=8")
-    _, straight_rows = train.run(cfg, tmp_path / "straight", echo=False)
+    _, straight_rows = loop.run(cfg, tmp_path / "straight", echo=False)
     half = in_process("train.steps=3", "checkpoint.every=3", "mesh.data=1", "mesh.fsdp=8")
-    train.run(half, tmp_path / "half", echo=False)
+    loop.run(half, tmp_path / "half", echo=False)
     for name, mesh, devices in [("3axis", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), None),
                                 ("4dev", ("mesh.data=1", "mesh.fsdp=4"), jax.devices()[:4])]:
         shutil.copytree(tmp_path / "half", tmp_path / name)
         cfg = in_process("train.steps=6", "checkpoint.every=3", *mesh)
-        _, rows = train.run(cfg, tmp_path / name, devices=devices, echo=False)
+        _, rows = loop.run(cfg, tmp_path / name, devices=devices, echo=False)
         assert [r["step"] for r in rows] == [4, 5, 6]
         np.testing.assert_allclose([r["loss"] for r in rows],
                                    [r["loss"] for r in straight_rows[3:]], rtol=2e-5)
@@ -155,11 +155,11 @@ def test_restore_onto_other_meshes_continues_with_the_same_losses(tmp_path):
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capfd):
     cfg = in_process("train.steps=6", "checkpoint.every=3")
-    _, rows = train.run(cfg, tmp_path / "run", echo=False)
+    _, rows = loop.run(cfg, tmp_path / "run", echo=False)
     for f in (tmp_path / "run/checkpoints/6/state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0" * 16)  # the array data, overwritten
-    _, again = train.run(cfg, tmp_path / "run", echo=False)
+    _, again = loop.run(cfg, tmp_path / "run", echo=False)
     assert "checkpoints/6 is unreadable" in capfd.readouterr().err
     assert [r["loss"] for r in again] == [r["loss"] for r in rows[3:]]  # resumed from 3
     names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
@@ -168,12 +168,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capfd)
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
     cfg = in_process("train.steps=3", "checkpoint.every=3")
-    train.run(cfg, tmp_path / "run", echo=False)
+    loop.run(cfg, tmp_path / "run", echo=False)
     for f in (tmp_path / "run/checkpoints/3/state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0" * 16)
     with pytest.raises(ConfigError, match="no readable checkpoint"):
-        train.run(in_process("train.steps=6", "checkpoint.every=3"), tmp_path / "run",
+        loop.run(in_process("train.steps=6", "checkpoint.every=3"), tmp_path / "run",
                   echo=False)
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["3"]
 
@@ -199,7 +199,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "loss_fn", nan_loss)
     cfg = in_process("train.steps=4", "checkpoint.every=1", "train.max_bad_steps=2",
                      "mesh.data=1")
-    state, rows = train.run(cfg, tmp_path / "run", devices=jax.devices()[:1], echo=False)
+    state, rows = loop.run(cfg, tmp_path / "run", devices=jax.devices()[:1], echo=False)
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]
     assert rows[2]["loss"] is None  # NaN, logged as null
     ckpt = ocp.StandardCheckpointer()
@@ -213,31 +213,31 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     more = in_process("train.steps=8", "checkpoint.every=1", "train.max_bad_steps=2",
                       "mesh.data=1")
     with pytest.raises(ConfigError, match="2 steps in a row up to step 6"):
-        train.run(more, tmp_path / "run", devices=jax.devices()[:1], echo=False)
+        loop.run(more, tmp_path / "run", devices=jax.devices()[:1], echo=False)
     for step in (5, 6):  # what was saved holds finite values
         saved = ckpt.restore(tmp_path / f"run/checkpoints/{step}/state")
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
 
 
 def test_another_architecture_names_the_first_mismatched_parameter(tmp_path):
-    train.run(in_process("train.steps=1"), tmp_path / "run", echo=False)
+    loop.run(in_process("train.steps=1"), tmp_path / "run", echo=False)
     with pytest.raises(ConfigError, match=r"parameter blocks/attn/k_proj is \(2, 64, 2, 16\) "
                                           r"there but \(2, 32, 2, 8\) in this config"):
-        train.run(in_process("train.steps=2", "model.embed_dim=32",
+        loop.run(in_process("train.steps=2", "model.embed_dim=32",
                              f"checkpoint.load_params_from={tmp_path / 'run'}"),
                   tmp_path / "other", echo=False)
     with pytest.raises(ConfigError, match="holds a run with model.embed_dim=64, this command "
                                           "asks for model.embed_dim=32"):
-        train.run(in_process("train.steps=2", "model.embed_dim=32"), tmp_path / "run",
+        loop.run(in_process("train.steps=2", "model.embed_dim=32"), tmp_path / "run",
                   echo=False)
 
 
 def test_load_params_from_starts_a_new_run(tmp_path):
-    source_state, _ = train.run(in_process("train.steps=2"), tmp_path / "a", echo=False)
+    source_state, _ = loop.run(in_process("train.steps=2"), tmp_path / "a", echo=False)
     cfg = in_process("train.steps=1", f"checkpoint.load_params_from={tmp_path / 'a'}")
     trainer = train.build_trainer(cfg, train.sharding.make_mesh(cfg.mesh))
     with jax.set_mesh(trainer.mesh):
-        state, first = train.restore_or_init(trainer, None, None, {}, train.MetricsWriter(
+        state, first = loop.restore_or_init(trainer, None, None, {}, loop.MetricsWriter(
             None, 1, echo=False))
     assert first == 0 and int(state["step"]) == 0
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(source_state["params"])):
@@ -246,12 +246,12 @@ def test_load_params_from_starts_a_new_run(tmp_path):
     assert all(float(jnp.abs(x).max()) == 0 for x in mu)  # a fresh optimizer
     with pytest.raises(ConfigError, match="no checkpoints there"):
         bad = in_process(f"checkpoint.load_params_from={tmp_path / 'missing'}")
-        train.restore_or_init(train.build_trainer(bad, trainer.mesh), None, None, {},
-                              train.MetricsWriter(None, 1, echo=False))
+        loop.restore_or_init(train.build_trainer(bad, trainer.mesh), None, None, {},
+                              loop.MetricsWriter(None, 1, echo=False))
 
 
 def test_keep_newest_and_every_kth(tmp_path):
-    train.run(in_process("train.steps=8", "checkpoint.every=1", "checkpoint.keep=2",
+    loop.run(in_process("train.steps=8", "checkpoint.every=1", "checkpoint.keep=2",
                          "checkpoint.keep_every=4"), tmp_path / "run", echo=False)
     assert sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir()) == [4, 7, 8]
 
@@ -260,7 +260,7 @@ def test_timed_saves(tmp_path):
     """checkpoint.every_minutes: once the time has passed (here at once), the processes'
     votes decide one step later and the clock restarts at each save: every other step, and
     the last; the every-N-steps saves stay as they were."""
-    train.run(in_process("train.steps=7", "checkpoint.every=0", "checkpoint.keep=100",
+    loop.run(in_process("train.steps=7", "checkpoint.every=0", "checkpoint.keep=100",
                          "checkpoint.every_minutes=1e-9"), tmp_path / "timed", echo=False)
     assert sorted(int(p.name) for p in (tmp_path / "timed/checkpoints").iterdir()) == [
         2, 4, 6, 7]
@@ -269,5 +269,5 @@ def test_timed_saves(tmp_path):
 def test_unwritable_run_dir_is_reported_before_training(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write the run directory"):
-        train.run(in_process("train.steps=1"), tmp_path / "file/run", echo=False)
+        loop.run(in_process("train.steps=1"), tmp_path / "file/run", echo=False)
     assert os.path.isfile(tmp_path / "file")

@@ -153,14 +153,14 @@ def test_moe_that_mixtral_does_not_compute_is_refused(overrides, reason):
 def test_export_command_folder_works_with_transformers(tmp_path, capsys):
     """A trained run, exported by the CLI with --verify; then transformers' own tokenizer
     and generation API on the folder give what maxgpt's greedy generation gives."""
-    from maxgpt import cli, train
+    from maxgpt import cli, loop, train
     from maxgpt.data.tokenizer import BOS_ID
     from maxgpt.generate import generate
 
     cfg = make_config("tiny", "data.source=builtin", "model.vocab_size=512", "train.steps=2",
                       "train.batch_size=8", "train.seq_len=64", "train.eval_every=0",
                       "data.num_workers=0")
-    state, _ = train.run(cfg, tmp_path / "run", echo=False)
+    state, _ = loop.run(cfg, tmp_path / "run", echo=False)
     out = tmp_path / "hf"
     assert cli.main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out),
                      "--verify"]) == 0
@@ -217,9 +217,9 @@ def test_large_exports_are_sharded_with_an_index(tmp_path, monkeypatch):
 
 
 def test_a_run_without_tokenizer_is_not_exported(tmp_path, capsys):
-    from maxgpt import cli, train
+    from maxgpt import cli, loop, train
 
-    train.run(make_config("tiny", "train.steps=1", "train.batch_size=8", "train.seq_len=16"),
+    loop.run(make_config("tiny", "train.steps=1", "train.batch_size=8", "train.seq_len=16"),
               tmp_path / "run", echo=False)
     assert cli.main(["export", "--run-dir", str(tmp_path / "run"), "--out",
                      str(tmp_path / "hf")]) == 2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from maxgpt import cli, train
+from maxgpt import cli, loop, train
 from maxgpt.config import load_config
 from maxgpt.storage import as_path
 from tests.conftest import REPO
@@ -47,7 +47,7 @@ def one_process(tmp_path_factory):
     """The metric rows of the run on 1 process x 8 devices, with the 2 streams that 2
     processes x 4 devices get."""
     cfg = load_config(os.path.join(REPO, CONFIG), [*OVERRIDES, "data.streams=2"])
-    return train.run(cfg, tmp_path_factory.mktemp("one") / "run", echo=False)[1]
+    return loop.run(cfg, tmp_path_factory.mktemp("one") / "run", echo=False)[1]
 
 
 def start_two(run_dir, *extra) -> subprocess.Popen:
@@ -133,7 +133,7 @@ def test_processes_that_do_not_share_the_run_dir_stop_at_once(tmp_path):
 INTERLEAVED = """
 import json, sys
 import jax
-from maxgpt import distributed, sharding, train
+from maxgpt import distributed, loop, sharding, train
 from maxgpt.config import load_config
 from maxgpt.storage import as_path
 distributed.initialize()
@@ -141,7 +141,7 @@ own = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
 devices = [d for pair in zip(*own) for d in pair]  # p0, p1, p0, p1, ...
 cfg = load_config(sys.argv[1], sys.argv[3:])
 rows = sharding.batch_rows(sharding.batch_sharding(sharding.make_mesh(cfg.mesh, devices)), 8)
-_, history = train.run(cfg, devices=devices, echo=False)
+_, history = loop.run(cfg, devices=devices, echo=False)
 if jax.process_index() == 0:
     with open(sys.argv[2], "w") as f:
         json.dump({"rows": rows, "history": history}, f)
@@ -155,7 +155,7 @@ def test_processes_feeding_rows_that_are_not_contiguous(tmp_path):
     overrides = ["train.steps=4", "train.log_every=1", "train.eval_every=4",
                  "mesh.data=2", "mesh.fsdp=4", "data.streams=2"]
     cfg = load_config(os.path.join(REPO, CONFIG), overrides)
-    _, reference = train.run(cfg, tmp_path / "one", echo=False)
+    _, reference = loop.run(cfg, tmp_path / "one", echo=False)
 
     out = tmp_path / "history.json"
     done = subprocess.run([*LAUNCH, "--processes", "2", "--devices-per-process", "4", "--",

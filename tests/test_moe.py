@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maxgpt import train
+from maxgpt import loop, train
 from maxgpt.config import load_config
 from maxgpt.flops import matmul_params_per_token
 from maxgpt.metrics import format_row
@@ -140,7 +140,7 @@ DISPATCH = {"dropless": ("model.moe_dispatch=dropless",),
 
 def moe_run(dispatch, *overrides, devices=None):
     cfg = make_config("tiny-moe", *BASE, *DISPATCH[dispatch], *overrides)
-    state, rows = train.run(cfg, devices=devices, echo=False)
+    state, rows = loop.run(cfg, devices=devices, echo=False)
     return rows, state
 
 
@@ -249,9 +249,9 @@ def test_moe_checkpoint_resumes_on_another_expert_mesh(tmp_path):
         return make_config("tiny-moe", *BASE, "model.moe_every=2", f"train.steps={steps}",
                            "checkpoint.every=2", "optim.decay=constant", *mesh)
 
-    _, straight = train.run(cfg(4, "mesh.expert=8", "mesh.data=1"), tmp_path / "a", echo=False)
-    train.run(cfg(2, "mesh.expert=8", "mesh.data=1"), tmp_path / "b", echo=False)
-    _, resumed = train.run(cfg(4, "mesh.expert=2", "mesh.data=4"), tmp_path / "b", echo=False)
+    _, straight = loop.run(cfg(4, "mesh.expert=8", "mesh.data=1"), tmp_path / "a", echo=False)
+    loop.run(cfg(2, "mesh.expert=8", "mesh.data=1"), tmp_path / "b", echo=False)
+    _, resumed = loop.run(cfg(4, "mesh.expert=2", "mesh.data=4"), tmp_path / "b", echo=False)
     assert [r["step"] for r in resumed] == [3, 4]
     for key in ("loss", "moe_balance_loss", "moe_load_max_mean"):
         np.testing.assert_allclose([r[key] for r in resumed], [r[key] for r in straight[2:]],

@@ -87,19 +87,19 @@ def test_fitter_recovers_a_known_law_from_noisy_runs():
 
 
 def test_a_three_run_ladder_end_to_end_and_cached(tmp_path, monkeypatch, capsys):
-    from maxgpt import train
+    from maxgpt import loop
 
     out = tmp_path / "ladder"
     common = ["--target-params", "1M", "--bootstrap", "5", "model.vocab_size=512",
               "train.eval_steps=2"]
     assert main(["scaling", "--out", str(out), "--sizes", "32x1:8K,64x1:16K", *common]) == 0
-    real_run, trained = train.run, []
+    real_run, trained = loop.run, []
 
     def counting_run(cfg, *args, **kwargs):
         trained.append(cfg.model.name)
         return real_run(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(train, "run", counting_run)
+    monkeypatch.setattr(loop, "run", counting_run)
     sizes = "32x1:8K,64x1:16K,96x2:8K"
     assert main(["scaling", "--out", str(out), "--sizes", sizes, *common]) == 0
     assert trained == ["ladder-w96-l2-t8000"]  # the first two were cached

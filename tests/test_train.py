@@ -10,7 +10,7 @@ import pytest
 import yaml
 from flax import nnx
 
-from maxgpt import train
+from maxgpt import loop, train
 from maxgpt.config import ConfigError, load_config
 from maxgpt.data import SyntheticSource
 from maxgpt.optim import decay_mask, learning_rate
@@ -24,7 +24,7 @@ BASE = ("train.batch_size=8", "train.seq_len=32", f"train.steps={STEPS}", "train
 
 def run(*overrides, devices=None, preset="tiny"):
     cfg = make_config(preset, *BASE, *overrides)
-    state, history = train.run(cfg, devices=devices, echo=False)
+    state, history = loop.run(cfg, devices=devices, echo=False)
     return np.array([row["loss"] for row in history]), state
 
 
@@ -193,7 +193,7 @@ def test_learning_rate_schedule(decay):
 
 def test_run_dir_metrics_and_config(tmp_path):
     cfg = make_config("tiny", *BASE, "train.log_every=2")
-    train.run(cfg, tmp_path / "run", echo=False)
+    loop.run(cfg, tmp_path / "run", echo=False)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 4, 5]  # the first, every 2nd, the last
     for row in rows:
@@ -229,12 +229,12 @@ def test_resumed_run_sees_exactly_the_batches_of_a_straight_run(tmp_path):
     resumed mid-stream exactly. Rows logged past the checkpoint before a crash are dropped."""
     mesh = ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4")
     cfg = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=6", "checkpoint.every=3")
-    _, straight = train.run(cfg, tmp_path / "straight", echo=False)
+    _, straight = loop.run(cfg, tmp_path / "straight", echo=False)
     half = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=3", "checkpoint.every=3")
-    train.run(half, tmp_path / "resumed", echo=False)
+    loop.run(half, tmp_path / "resumed", echo=False)
     with (tmp_path / "resumed/metrics.jsonl").open("a") as f:  # logged, then a crash
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
-    _, resumed = train.run(cfg, tmp_path / "resumed", echo=False)
+    _, resumed = loop.run(cfg, tmp_path / "resumed", echo=False)
     assert [r["step"] for r in resumed] == [4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[3:]]
     rows = [json.loads(line) for line in
@@ -246,10 +246,10 @@ def test_resumed_run_sees_exactly_the_batches_of_a_straight_run(tmp_path):
     moved = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.num_workers=0")
     with pytest.raises(ConfigError, match="data.num_workers=1, this command asks for "
                                           "data.num_workers=0"):
-        train.run(moved, tmp_path / "resumed", echo=False)
+        loop.run(moved, tmp_path / "resumed", echo=False)
     restreamed = make_config("tiny", *BASE, *TEXT, *mesh, "train.steps=7", "data.streams=2")
     with pytest.raises(ConfigError, match="data.streams=1, this command asks for data.streams=2"):
-        train.run(restreamed, tmp_path / "resumed", echo=False)
+        loop.run(restreamed, tmp_path / "resumed", echo=False)
     assert sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir()) == ["3", "6"]
 
 
@@ -257,7 +257,7 @@ def test_profile_steps_trace_exactly_those_steps(tmp_path):
     """profile_steps=2:3 of 5: a trace in which the train step runs twice (each call shows
     as a Python event with a nested one: count the outermost)."""
     cfg = make_config("tiny", *BASE, "mesh.data=1", "train.profile_steps=2:3")
-    train.run(cfg, tmp_path / "run", devices=jax.devices()[:1], echo=False)
+    loop.run(cfg, tmp_path / "run", devices=jax.devices()[:1], echo=False)
     traces = list((tmp_path / "run/profile").rglob("*.xplane.pb"))
     assert len(traces) == 1
     calls = sorted((e.start_ns, e.start_ns + e.duration_ns)
