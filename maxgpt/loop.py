@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -39,6 +40,37 @@ def _describe_compile(compiled, seconds: float) -> str:
         text += (f"; per device: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, "
                  f"temporaries {memory.temp_size_in_bytes / gib:.2f} GiB")
     return text
+
+
+def device_memory(device) -> tuple[int, str]:
+    """Bytes one device may use, and what they are: the accelerator's memory limit, or on
+    CPU the host's RAM shared by this process's devices."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    local = max(1, jax.local_device_count())
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return ram // local, (f"this host's RAM shared by {local} devices" if local > 1 else
+                          "this host's RAM")
+
+
+def check_memory(compiled, trainer: Trainer) -> None:
+    """Refuse a step whose compiled memory (XLA's analysis: arguments, outputs not aliased to
+    them, temporaries, code) exceeds what a device has."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return
+    need = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+            + memory.generated_code_size_in_bytes)
+    have, what = device_memory(trainer.mesh.devices.flat[0])
+    if need > have:
+        gib = 2**30
+        raise ConfigError(
+            f"the train step needs {need / gib:,.1f} GiB per device (temporaries "
+            f"{memory.temp_size_in_bytes / gib:,.1f} GiB) but has {have / gib:,.1f} GiB "
+            f"({what}); lower train.batch_size or train.seq_len, raise train.microbatches or "
+            "mesh.fsdp, use model.remat=full, or set train.loss_chunk (docs/performance.md)")
 
 
 def open_corpus(cfg: Config, run_dir: RunDir | None) -> Corpus | None:
@@ -162,6 +194,14 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         check_eval_split(corpus, cfg.train.seq_len, trainer.streams)
     peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))
     n_params = count_params(cfg)  # outside the mesh context: abstract, unsharded shapes
+    # Compiled from shapes alone, before anything large exists or a file is opened: a step
+    # that cannot fit is refused before the state is allocated or the data starts flowing.
+    with jax.set_mesh(trainer.mesh):
+        start = time.perf_counter()
+        compiled = trainer.step_fn.lower(abstract_state(trainer),
+                                         _abstract_batch(trainer)).compile()
+        compile_note = _describe_compile(compiled, time.perf_counter() - start)
+    check_memory(compiled, trainer)
     with contextlib.ExitStack() as stack:
         if owner is not None:  # released last, after the final save is written
             stack.enter_context(contextlib.closing(owner))
@@ -169,22 +209,19 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
                                                                       echo)))
         checkpointer = None if run_dir is None else stack.enter_context(
             contextlib.closing(Checkpointer(run_dir, cfg.checkpoint)))
-        source = stack.enter_context(contextlib.closing(make_source(trainer, corpus)))
         stop = stack.enter_context(contextlib.closing(StopRequest()))
         stack.enter_context(jax.set_mesh(trainer.mesh))
         writer.info(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
                     f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against "
                     f"{peak_source}")
+        writer.info(compile_note)
+        source = stack.enter_context(contextlib.closing(make_source(trainer, corpus)))
         fingerprint = data_fingerprint(trainer, corpus)
         state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)
         if run_dir is not None:  # the start or resume is accepted: now the run is written
             owner.claim()
             run_dir.write(cfg, None if corpus is None else corpus.tokenizer.model_proto)
         writer.drop_rows_after(first)  # steps after the checkpoint are trained (logged) again
-
-        start = time.perf_counter()
-        compiled = trainer.step_fn.lower(state, _abstract_batch(trainer)).compile()
-        writer.info(_describe_compile(compiled, time.perf_counter() - start))
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         flops_per_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
         byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +269,15 @@ def test_profile_steps_trace_exactly_those_steps(tmp_path):
         if start >= end:
             outermost, end = outermost + 1, stop
     assert outermost == 2
+
+
+def test_a_step_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path):
+    """XLA's memory analysis of the step, compiled from shapes alone, against the device's
+    memory (here: the host's RAM over its 8 devices): refused before the state, the data or
+    any file of the run exists."""
+    cfg = make_config("tiny", "train.batch_size=100000000", "train.seq_len=32")
+    with pytest.raises(ConfigError, match=r"needs [\d,.]+ GiB per device \(temporaries [\d,.]+ "
+                                          r"GiB\) but has [\d,.]+ GiB \(this host's RAM shared "
+                                          r"by 8 devices\); lower train.batch_size"):
+        loop.run(cfg, tmp_path / "run", echo=False)
+    assert os.listdir(tmp_path / "run") == [".maxgpt-probes"]
