@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -47,7 +48,7 @@ from maxgpt import sharding
 
 from maxgpt.config import CheckpointConfig, Config, ConfigError
 from maxgpt.run_dir import RunDir
-from maxgpt.storage import PathLike, absolute, as_path
+from maxgpt.storage import PathLike, absolute, as_path, one_line
 
 ITEMS = ("state", "data", "config", "tokenizer")
 
@@ -116,10 +117,28 @@ def check_architecture(saved_params: Any, abstract_params: Any, where: str) -> N
                               f"{have} there but {want} in this config")
 
 
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's own error logs (tracebacks from its background threads, pages of them
+    for one failed save): maxgpt reports those failures itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_ORBAX_ERRORS = _OrbaxErrors()
+
+
+class SaveFailed(ConfigError):
+    """A checkpoint could not be written (full disk, lost permissions, a bucket gone): the
+    run stops with exit code 2; the checkpoints before it are intact."""
+
+
 class Checkpointer:
     def __init__(self, run_dir: RunDir, cfg: CheckpointConfig | None = None,
                  read_only: bool = False):
         self.directory = absolute(run_dir.checkpoints)
+        self.pending: int | None = None  # the step of the newest save asked for
+        logging.getLogger("absl").addFilter(_ORBAX_ERRORS)  # (once: a set of filters)
         keep = None if cfg is None else cfg.keep
         keep_every = None if cfg is None or cfg.keep_every == 0 else cfg.keep_every
         self.manager = ocp.CheckpointManager(
@@ -145,11 +164,40 @@ class Checkpointer:
         does that before its background write), so the caller may donate `state` next."""
         tokenizer = ({} if tokenizer_proto is None else
                      {"sentencepiece_model_base64": base64.b64encode(tokenizer_proto).decode()})
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=_DataSave(_IteratorState(data_state)),
-            config=ocp.args.JsonSave(cfg.to_dict()),
-            tokenizer=ocp.args.JsonSave(tokenizer)), force=True)
+        try:  # orbax waits for the previous save anyway: its failure is reported as its own
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from None
+        self.pending = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=_DataSave(_IteratorState(data_state)),
+                config=ocp.args.JsonSave(cfg.to_dict()),
+                tokenizer=ocp.args.JsonSave(tokenizer)), force=True)
+        except Exception as e:  # whatever the storage made orbax raise
+            raise self._failed(e) from None
+
+    def check(self) -> None:
+        """Raise (one line) if the save being written in the background has failed: a look
+        at its future, cheap enough for every step, so that a run stops within a save's
+        time of a full disk or a lost bucket instead of training on without checkpoints."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(e) from None
+
+    def _failed(self, error: Exception) -> SaveFailed:
+        try:
+            self.manager.reload()
+            good = [s for s in self.manager.all_steps() if s != self.pending]
+        except Exception:  # the storage is gone altogether
+            good = []
+        return SaveFailed(
+            f"saving checkpoint {self.pending} in {self.directory} failed: {one_line(error)}; "
+            f"the newest complete checkpoint is "
+            f"{self.directory / str(max(good)) if good else 'none'}; fix the storage (space, "
+            "permissions), then run the same command again to continue from it")
 
     def saved_params(self, step: int) -> Any:
         """The parameter shapes of `step`, from its metadata (no arrays read)."""
@@ -210,8 +258,15 @@ class Checkpointer:
         self.manager.reload()  # forget the step, so that it can be written again
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from None
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # after a failed save: already reported above
+                pass
 
 
 class SaveTimer:

@@ -237,6 +237,8 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
             profile.after(done, metrics)
             # The previous step's verdict, read while this one runs: no stall per step.
             _check_bad_steps(previous, cfg, done - 1)
+            if checkpointer is not None:
+                checkpointer.check()  # a save that failed in the background stops the run
             previous = metrics
             stopped = stop(done)
             timed = timer.due()

@@ -7,6 +7,7 @@ Only process 0 writes; the file may be local or on object storage (see MetricsWr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -126,8 +127,9 @@ class MetricsWriter:
             return
         self.uploader.put(self.run_dir.metrics_file,
                           "".join(line + "\n" for line in self.lines).encode())
-        if self.events is not None:
-            self.tensorboard.flush()
+        if self.events is not None and self.tensorboard is not None:
+            with self._tensorboard_errors():
+                self.tensorboard.flush()
             self._put_events()
 
     def _put_events(self) -> None:
@@ -146,10 +148,11 @@ class MetricsWriter:
         """Log one row (JSON, TensorBoard, console); returns it as written."""
         row = {k: _plain(v) for k, v in row.items()}
         if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                    self.tensorboard.add_scalar(name, value, row["step"])
+            with self._tensorboard_errors():
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                        self.tensorboard.add_scalar(name, value, row["step"])
         if self.uploader is not None:
             self.lines.append(json.dumps(row))
             self._flush()
@@ -161,9 +164,21 @@ class MetricsWriter:
         if self.echo:
             print(text, file=sys.stderr, flush=True)
 
+    @contextlib.contextmanager
+    def _tensorboard_errors(self):
+        """A full disk must not turn logging into a crash: TensorBoard is given up (once,
+        said on stderr); metrics.jsonl and the checkpoints carry on or fail on their own."""
+        try:
+            yield
+        except OSError as e:
+            print(f"maxgpt: TensorBoard events could not be written ({one_line(e)}); "
+                  "going on without them", file=sys.stderr, flush=True)
+            self.tensorboard = None
+
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with self._tensorboard_errors():
+                self.tensorboard.close()
         if self.events is not None:
             self._put_events()  # the closed event files, whole
         if self.uploader is not None:

@@ -86,7 +86,12 @@ def staging_dir(target: PathLike) -> tuple[Path, bool]:
     return Path(os.fspath(target.with_name(f"{target.name}.partial-{uuid.uuid4().hex}"))), False
 
 
-def one_line(error: BaseException) -> str:
-    """An exception from a storage library as one short line (they can be pages of text)."""
-    text = str(error).strip().splitlines()
-    return (text[0][:300] if text else "") or type(error).__name__
+def one_line(error: BaseException, width: int = 240) -> str:
+    """An exception from a storage library as one short line (they can be pages of text):
+    its first line, with the middle cut out when long (the cause, e.g. "No space left on
+    device", tends to come last)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if len(text) > width:
+        text = f"{text[:width // 3]} ... {text[-(width - width // 3 - 5):]}"
+    return text

@@ -3,10 +3,12 @@ fallback from a damaged checkpoint, the non-finite guard, and the errors."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -271,3 +273,43 @@ def test_unwritable_run_dir_is_reported_before_training(tmp_path):
     with pytest.raises(ConfigError, match="cannot write the run directory"):
         loop.run(in_process("train.steps=1"), tmp_path / "file/run", echo=False)
     assert os.path.isfile(tmp_path / "file")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: room for one checkpoint of the smoke model (about 1.7 MB), not two. A
+    real full file system, not a fault injected in maxgpt (CI runs as root, as here)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_resumes(small_disk):
+    run_dir = small_disk / "run"
+    args = [sys.executable, "-m", "maxgpt", "train", "--run-dir", str(run_dir),
+            "--config", os.path.join(REPO, "configs/experiments/smoke.yaml"), "train.steps=40",
+            "checkpoint.every=5", "checkpoint.keep=10", "train.eval_every=0",
+            "data.num_workers=0"]
+    started = time.monotonic()
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("maxgpt: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    found = re.search(r"saving checkpoint (\d+) in \S+ failed: .*No space left on device.*; "
+                      r"the newest complete checkpoint is (\S+)/(\d+);", errors[0])
+    assert found and found.group(2) == f"{run_dir}/checkpoints", errors[0]
+    failed, good = int(found.group(1)), int(found.group(3))
+    assert good == failed - 5 and good >= 5
+    assert time.monotonic() - started < 120  # seconds after the failure, not at the end
+    trained = [int(line.split()[1].split("/")[0]) for line in done.stdout.splitlines()
+               if line.startswith("step ")]
+    assert max(trained) < failed + 10  # stopped right after the failed save, not at 40
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/{good}" in again.stderr
+    assert max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == 40
