@@ -232,8 +232,7 @@ class Checkpointer:
             except ConfigError:
                 raise
             except Exception as e:  # whatever a damaged checkpoint makes orbax raise
-                text = str(e).strip()
-                failures.append((step, text.splitlines()[0][:200] if text else type(e).__name__))
+                failures.append((step, one_line(e)))
                 print(f"maxgpt: checkpoint {self.directory / str(step)} is unreadable "
                       f"({failures[-1][1]}); trying the one before", file=sys.stderr, flush=True)
                 continue

@@ -7,6 +7,7 @@
     RUN/checkpoints/       orbax step directories (maxgpt/checkpoint.py)
     RUN/profile/           jax.profiler traces (train.profile_steps)
     RUN/owner.json         the training job that owns the run while it runs (maxgpt/owner.py)
+    RUN/.maxgpt-probes/    where each start proves every process shares RUN (left empty)
 
 RUN may be a local path or a URI (`gs://bucket/runs/x`, maxgpt/storage.py). Every process
 of a job must see the same RUN: `check_shared` proves it before anything is written.
