@@ -35,6 +35,21 @@ def _existing_run(path: str):
     return RunDir(path).require_run()
 
 
+def _refuse_going_back(run_dir, steps: int) -> None:
+    """A run cannot be trained back to an earlier step: `train.steps` below its newest
+    checkpoint is refused, nothing changed (docs/configuration.md, Errors)."""
+    import orbax.checkpoint as ocp  # finalized steps only; a manager would log warnings
+
+    if not run_dir.checkpoints.is_dir():
+        return
+    newest = max(ocp.utils.checkpoint_steps(run_dir.checkpoints), default=None)
+    if newest is not None and steps < newest:
+        raise ConfigError(
+            f"{run_dir} is at step {newest}, past train.steps={steps}: a run cannot go back; "
+            f"continue it with train.steps above {newest}, or read an earlier checkpoint "
+            "with --step (eval, generate, export) (nothing was changed)")
+
+
 def cmd_train(args) -> int:
     from maxgpt.run_dir import RunDir
     from maxgpt.loop import run  # imports jax: keep `maxgpt --help` fast
@@ -44,6 +59,8 @@ def cmd_train(args) -> int:
     # command run again (a restart): run() accepts it if only resumable keys differ.
     own = run_dir is not None and run_dir.holds_run() and not args.config
     cfg = load_config(run_dir.config_file if own else args.config, args.overrides)
+    if run_dir is not None and run_dir.holds_run():
+        _refuse_going_back(run_dir, cfg.train.steps)
     run_dir = run_dir or RunDir(f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run(cfg, run_dir)
     print(f"maxgpt: run written to {run_dir}", file=sys.stderr)
@@ -63,9 +80,12 @@ def cmd_generate(args) -> int:
     import jax
 
     from maxgpt.data.tokenizer import BOS_ID
-    from maxgpt.generate import generate
+    from maxgpt.generate import check_sampling, generate
     from maxgpt.inference import load_for_inference
 
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    check_sampling(**sampling)  # before a checkpoint is read
     run_dir = _existing_run(args.run_dir)
     trainer, params, corpus, _ = load_for_inference(run_dir, args.step)
     if corpus is None:
@@ -73,9 +93,7 @@ def cmd_generate(args) -> int:
     prompts = [[BOS_ID, *corpus.tokenizer.encode(p)] for p in args.prompt]
     with jax.set_mesh(trainer.mesh):
         completions = generate(trainer.graphdef, params, trainer.cfg.model, prompts,
-                               max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed)
+                               **sampling)
     for prompt, ids in zip(args.prompt, completions):
         print(prompt + corpus.tokenizer.decode(ids))
     return 0
@@ -129,6 +147,8 @@ def cmd_import(args) -> int:
 def cmd_prepare(args) -> int:
     from maxgpt.data.prepare import prepare
 
+    if not (math.isfinite(args.shard_mb) and args.shard_mb > 0):
+        raise ConfigError(f"--shard-mb must be a positive size in MiB, got {args.shard_mb}")
     try:
         summary = prepare(args.inputs, args.out, text_field=args.text_field,
                           text_suffixes=args.text_suffix or (".txt",),
@@ -152,12 +172,27 @@ def cmd_tokenizer_train(args) -> int:
     from maxgpt.data.tokenizer import train_tokenizer
     from maxgpt.storage import as_path
 
+    if not (math.isfinite(args.sample_mb) and args.sample_mb > 0):
+        raise ConfigError(f"--sample-mb must be a positive size in MB, got {args.sample_mb}")
     out = as_path(args.out) if args.out else as_path(args.data) / TOKENIZER_FILE
     if out.exists():
         raise ConfigError(f"{out} already exists; remove it or pass --out (nothing was changed)")
-    tokenizer = train_tokenizer(sample_documents(args.data, seed=args.seed), out,
-                                args.vocab_size, args.model_type,
-                                int(args.sample_mb * 1e6))
+    failed: list[ConfigError] = []
+
+    def documents():  # sentencepiece turns an error raised in its input into its own text
+        try:
+            yield from sample_documents(args.data, seed=args.seed)
+        except ConfigError as e:  # e.g. a damaged shard: the error that names it wins
+            failed.append(e)
+            raise
+
+    try:
+        tokenizer = train_tokenizer(documents(), out, args.vocab_size, args.model_type,
+                                    int(args.sample_mb * 1e6))
+    except ConfigError:
+        if failed:
+            raise failed[0] from None
+        raise
     print(f"{out}: {args.model_type} tokenizer, {tokenizer.vocab_size} pieces")
     return 0
 
@@ -166,6 +201,9 @@ def cmd_params(args) -> int:
     from maxgpt.flops import flops_per_token
     from maxgpt.train import active_params, count_params, vocab_padding_params
 
+    if args.seq_len < 0:
+        raise ConfigError(f"--seq-len must be at least 1 (or 0: model.max_seq_len), got "
+                          f"{args.seq_len}")
     cfg = load_config(args.config, args.overrides)
     total, active = count_params(cfg), active_params(cfg)
     padding = vocab_padding_params(cfg)
@@ -189,15 +227,15 @@ def cmd_plan(args) -> int:
     from maxgpt.planning import budget_flops, plan
 
     if args.chips is not None:
-        if args.days is None or args.days <= 0:
+        if args.days is None or not (math.isfinite(args.days) and args.days > 0):
             raise ConfigError("--chips needs --days, the length of the run (> 0)")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
         flops = budget_flops(args.chips, args.days, args.mfu)
         source = f"{args.chips} for {args.days:g} days at {args.mfu:.0%} MFU"
     else:
-        if not args.flops > 0:
-            raise ConfigError(f"--flops must be positive, got {args.flops}")
+        if not (math.isfinite(args.flops) and args.flops > 0):
+            raise ConfigError(f"--flops must be a positive number, got {args.flops}")
         flops, source = args.flops, "given"
     if args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be at least 1, got {args.vocab_size}")
@@ -444,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             distributed.initialize()  # before any device is touched
         return args.func(args)
     except ConfigError as e:
-        print(f"maxgpt: error: {e}", file=sys.stderr)
+        # one line, whatever a library put in the text (some messages span several)
+        print(f"maxgpt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("maxgpt: interrupted", file=sys.stderr)

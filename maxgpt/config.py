@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -198,9 +200,36 @@ def valid_keys() -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys() + list(SECTIONS), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/base.yaml for all keys"
+    """The error for a key no section has, pointing at the key the user most likely meant:
+    the same name in another section first (train.lr -> optim.lr), then a close spelling."""
+    section, _, name = key.partition(".")
+    keys = valid_keys()
+    if not name:  # a section (or `section.` with nothing after it)
+        close = [] if section in SECTIONS else difflib.get_close_matches(
+            section, list(SECTIONS), n=1, cutoff=0.6)
+    else:
+        close = ([k for k in keys if k.split(".", 1)[1] == name]
+                 or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
+    if close:
+        hint = "; did you mean " + " or ".join(f"'{k}'" for k in close) + "?"
+    else:
+        hint = "; see configs/base.yaml for all keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it (YAML-like), never a Python repr such as
+    datetime.date(2024, 1, 1) or None."""
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple, set, dict)):
+        return json.dumps(list(value) if isinstance(value, (tuple, set)) else value,
+                          default=str)
+    return f"'{value}'"
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
@@ -208,7 +237,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, "
+                              f"got {_shown(value)}")
         return value
     if kind is bool:
         if isinstance(value, bool):
@@ -224,13 +254,18 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             except ValueError:
                 pass
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan and inf make every later check pass or fail
+                raise ConfigError(f"{key} must be a finite number, got {_shown(value)}")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value
@@ -242,7 +277,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 pass
         if isinstance(value, dict):
             return value
-    raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+    raise ConfigError(f"{key} must be {kind.__name__}, got {_shown(value)}")
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -271,6 +306,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _read_yaml(path) -> dict[str, Any]:  # a pathlib or an etils.epath Path
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a YAML config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -400,6 +437,7 @@ def validate(cfg: Config) -> None:
                           "of every batch)")
     _validate_data(cfg.data)
     _validate_moe(cfg)
+    _validate_numbers(cfg)
     mesh = dataclasses.asdict(cfg.mesh)
     for axis, value in mesh.items():
         if value == 0 or value < -1:
@@ -409,6 +447,34 @@ def validate(cfg: Config) -> None:
     if m.num_experts and cfg.mesh.expert > 0 and m.num_experts % cfg.mesh.expert:
         raise ConfigError(f"mesh.expert={cfg.mesh.expert} must divide "
                           f"model.num_experts={m.num_experts}")
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Values that the code would take without complaint and train nonsense with: a negative
+    learning rate climbs the loss, b2 = 1 or eps = 0 divide by zero, a negative std or eps
+    is no distribution or norm at all."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    above_zero = {"optim.lr": o.lr, "optim.eps": o.eps, "model.init_std": m.init_std,
+                  "model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta}
+    for key, value in above_zero.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    at_least_zero = {"optim.weight_decay": o.weight_decay, "optim.clip_norm": o.clip_norm,
+                     "train.z_loss": t.z_loss}
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {value}")
+    for key, value in {"optim.b1": o.b1, "optim.b2": o.b2}.items():
+        if not 0 <= value < 1:  # Adam's moment decay rates (Kingma & Ba 2015)
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio (final lr / peak lr) must be in [0, 1], got "
+                          f"{o.min_lr_ratio}")
+    if not 0 <= t.seed < 2**32:  # numpy's SeedSequence refuses negatives
+        raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    if not m.name.strip():
+        raise ConfigError("model.name must not be empty (it names the run directory and "
+                          "exports)")
 
 
 def _validate_moe(cfg: Config) -> None:
@@ -435,7 +501,8 @@ def _validate_data(d: DataConfig) -> None:
                           "data.source=mixture, and only with it")
     for name, weight in d.sources.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise ConfigError(f"data.sources weight of {name!r} must be a positive number, "
-                              f"got {weight!r}")
+            raise ConfigError(f"data.sources weight of {_shown(name)} must be a positive "
+                              f"number, got {_shown(weight)}")
         if name in ("synthetic", "mixture"):
-            raise ConfigError(f"data.sources cannot hold {name!r}: list dataset paths or builtin")
+            raise ConfigError(f"data.sources cannot hold {_shown(name)}: list dataset paths or "
+                              "builtin")

@@ -27,12 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from maxgpt.config import ConfigError, ModelConfig
 from maxgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from maxgpt.run_dir import RunDir
-from maxgpt.storage import PathLike, absolute, as_path, is_remote, upload_tree
+from maxgpt.storage import PathLike, absolute, as_path, is_remote, one_line, upload_tree
 
 
 def family(m: ModelConfig) -> str:
@@ -405,27 +406,69 @@ def _mixtral_experts(get, state, h: str, E: int) -> dict[str, np.ndarray]:
         for w, n in MIXTRAL_EXPERTS.items()}}
 
 
+def _read_json(path, what: str) -> dict[str, Any]:
+    """A JSON object from a file of a Hugging Face folder; one clear line if it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{path} is not valid JSON{where} (a damaged {what} file?)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a {what}), not "
+                          f"{json.dumps(data)[:40]}")
+    return data
+
+
 def read_config(hf_dir: PathLike) -> dict[str, Any]:
     if not (as_path(hf_dir) / "config.json").is_file():
         raise ConfigError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
-    return json.loads((as_path(hf_dir) / "config.json").read_text())
+    return _read_json(as_path(hf_dir) / "config.json", "Hugging Face config")
+
+
+# safetensors dtype names -> numpy; bfloat16 (how most hub checkpoints are stored) comes from
+# ml_dtypes (a jax dependency), which safetensors.numpy does not use.
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _load_safetensors(path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file (local or a URI) as numpy arrays."""
+    from safetensors import SafetensorError, deserialize
+
+    try:
+        tensors = deserialize(path.read_bytes())
+    except SafetensorError as e:  # a truncated download, another format, random bytes
+        raise ConfigError(f"{path} is not a readable safetensors file ({one_line(e)}); "
+                          "download it again") from None
+    state = {}
+    for name, tensor in tensors:
+        dtype = SAFETENSORS_DTYPES.get(tensor["dtype"])
+        if dtype is None:
+            raise ConfigError(f"{path}: tensor {name} is {tensor['dtype']}; maxgpt reads "
+                              f"{', '.join(SAFETENSORS_DTYPES)}")
+        state[name] = np.frombuffer(tensor["data"], dtype).reshape(tensor["shape"])
+    return state
 
 
 def read_folder(hf_dir: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """config.json and all weights (one safetensors file or an index of shards), from a
-    local folder or a URI."""
-    from safetensors.numpy import load
-
+    local folder or a URI. A file that is not what it claims is the user's error, named."""
     hf_dir = as_path(hf_dir)
     config = read_config(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
-             if index.is_file() else ["model.safetensors"])
+    files = ["model.safetensors"]
+    if index.is_file():
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()):
+            raise ConfigError(f"{index} has no weight_map of parameter names to files")
+        files = sorted(set(weight_map.values()))
     state: dict[str, np.ndarray] = {}
     for name in files:
         if not (hf_dir / name).is_file():
             raise ConfigError(f"{hf_dir / name} is missing (only safetensors weights are read)")
-        state.update(load((hf_dir / name).read_bytes()))
+        state.update(_load_safetensors(hf_dir / name))
     return config, state
 
 

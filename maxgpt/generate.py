@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ def choose(logits, key, *, temperature: float, top_k: int, top_p: float, allow_e
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_k > 0:
+    if 0 < top_k < logits.shape[-1]:  # a k of the whole vocabulary or more cuts nothing
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
@@ -49,11 +50,29 @@ def choose(logits, key, *, temperature: float, top_k: int, top_p: float, allow_e
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   seed: int = 0) -> None:
+    """The user's error for sampling settings that mean nothing (named as `maxgpt generate`'s
+    flags): checked before a checkpoint is read, and again by `generate`."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: no top-k cut), got {top_k}")
+    if not 0 < top_p <= 1:  # also false for nan
+        raise ConfigError(f"--top-p must be in (0, 1] (1: no nucleus cut), got {top_p}")
+    if not 0 <= seed < 2**63:  # what jax.random.key takes
+        raise ConfigError(f"--seed must be in [0, 2**63), got {seed}")
+
+
 def generate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, prompts: list[list[int]], *,
              max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0) -> list[list[int]]:
     """Continue each prompt (token ids, bos included) by up to `max_new_tokens`; a row stops
     at eos (never before `min_new_tokens`). Returns the new ids of each row, eos excluded."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     B, P = len(prompts), max(len(p) for p in prompts)

@@ -125,8 +125,8 @@ def test_existing_run_dir_is_refused_and_left_intact(tmp_path, capsys):
     (run_dir / "config.yaml").write_text("keep me")
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     assert main(["train", "--config", f"{REPO}/configs/models/tiny.yaml",
-                 "--run-dir", str(run_dir)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+                 "--run-dir", str(run_dir)]) == 2  # its config.yaml cannot be compared with
+    assert "config.yaml must hold a mapping of sections" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == "keep me"
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
 

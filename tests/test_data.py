@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -334,7 +335,10 @@ def test_train_data_errors(corpus, tmp_path, capsys):
                         f"data.source={no_validation}", f"data.tokenizer={corpus.tokenizer_path}",
                         "--config", f"{REPO}/configs/experiments/smoke.yaml")
     assert code == 2 and "has no validation documents" in err  # before any training
-    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3", "r4", "r5"))
+    assert not any((tmp_path / r).exists() for r in ("r3", "r4"))  # config errors: no files
+    for r in ("r1", "r2", "r5"):  # data errors: nothing but the shared-storage probe
+        assert os.listdir(tmp_path / r) == [".maxgpt-probes"]
+        assert not os.listdir(tmp_path / r / ".maxgpt-probes")
 
 
 def test_mixture_weights_from_the_command_line(corpus):

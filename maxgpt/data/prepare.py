@@ -34,12 +34,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from grain.sources import ArrayRecordDataSource
 from tqdm import tqdm
 
 from maxgpt.config import ConfigError
-from maxgpt.storage import PathLike, as_path, staging_dir, upload_tree
+from maxgpt.storage import PathLike, as_path, one_line, staging_dir, upload_tree
 
 SPLITS = ("train", "validation")
 SUMMARY = "summary.json"
@@ -248,19 +248,92 @@ def read_summary(directory: PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{directory} is not a prepared dataset (no {SUMMARY}); "
                           "run `maxgpt prepare` on your text first")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is damaged (not JSON); prepare the dataset again") from None
+    splits = summary.get("splits") if isinstance(summary, dict) else None
+    if not isinstance(splits, dict) or not all(
+            isinstance(splits.get(s), dict) and isinstance(splits[s].get("shards"), list)
+            and all(isinstance(name, str) for name in splits[s]["shards"]) for s in SPLITS):
+        raise ConfigError(f"{path} is damaged (no list of shards for each of "
+                          f"{' and '.join(SPLITS)}); prepare the dataset again")
+    return summary
+
+
+def _damaged(shard: str, what: str) -> ConfigError:
+    return ConfigError(f"{shard} is {what}; prepare the dataset again (`maxgpt prepare`)")
+
+
+def _records(shard: str) -> int:
+    """The record count of one shard; the user's error naming it if it cannot be opened
+    (missing, empty, or not ArrayRecord)."""
+    path = as_path(shard)
+    if not path.is_file():
+        raise _damaged(shard, f"missing (the dataset's {SUMMARY} lists it)")
+    if path.stat().length == 0:  # an etils StatResult, local or remote
+        raise _damaged(shard, "empty (0 bytes)")
+    reader = ArrayRecordReader(shard)
+    count = reader.num_records() if reader.ok() else None
+    try:
+        reader.close()  # raises what went wrong on opening
+    except RuntimeError as e:
+        if one_line(e).startswith("open()"):  # the operating system's reason
+            raise _damaged(shard, f"unreadable ({one_line(e)})") from None
+        count = None  # array_record's own text misleads: "at least 64KB" for any short file
+    if count is None:
+        raise _damaged(shard, "damaged: not a readable ArrayRecord file")
+    return count
+
+
+class _Shards(ArrayRecordDataSource):
+    """grain's ArrayRecord source whose read errors (damage inside a shard, which opening it
+    does not reveal) are the user's error naming the shard, not riegeli's traceback."""
+
+    def __init__(self, shards: list[str]):
+        super().__init__(shards)  # opens every shard to count its records
+        self.shards = shards
+
+    def __getitem__(self, key):
+        try:
+            return super().__getitem__(key)
+        except RuntimeError as e:
+            raise self._damage(int(key), e) from None
+
+    def __getitems__(self, keys):
+        try:
+            return super().__getitems__(keys)
+        except RuntimeError:
+            return [self[key] for key in keys]  # the one that fails names its shard
+
+    def _damage(self, key: int, error: RuntimeError) -> ConfigError:
+        for shard in self.shards:  # the error path only: count records again to find it
+            count = _records(shard)
+            if key < count:
+                return _damaged(shard, f"damaged at record {key} ({one_line(error)})")
+            key -= count
+        return ConfigError(f"a shard of {os.path.dirname(self.shards[0])} is damaged "
+                           f"({one_line(error)}); prepare the dataset again")
 
 
 def document_source(directory: PathLike, split: str) -> ArrayRecordDataSource:
     """Random access to the documents (UTF-8 bytes) of one split of a prepared dataset,
-    local or remote (array_record reads gs:// itself)."""
+    local or remote (array_record reads gs:// itself). A missing, empty or damaged shard is
+    the user's error naming it, on opening or (damage inside a shard) on reading."""
     directory = as_path(directory)
-    shards = read_summary(directory)["splits"][split]["shards"]
+    shards = [os.fspath(directory / shard)
+              for shard in read_summary(directory)["splits"][split]["shards"]]
     if not shards:
         hint = (" (prepare it with --validation-fraction above 0, or set train.eval_every=0)"
                 if split == "validation" else "")
         raise ConfigError(f"{directory} has no {split} documents{hint}")
-    return ArrayRecordDataSource([os.fspath(directory / shard) for shard in shards])
+    try:
+        return _Shards(shards)
+    except (RuntimeError, ValueError, OSError) as e:
+        for shard in shards:  # which one, and why: only when opening failed
+            _records(shard)
+        raise ConfigError(f"cannot open the {split} shards of {directory} ({one_line(e)})"
+                          ) from None
 
 
 def sample_documents(directory: PathLike, split: str = "train", seed: int = 0) -> Iterator[str]:
