@@ -63,7 +63,7 @@ def check_memory(compiled, trainer: Trainer) -> None:
     need = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes + memory.temp_size_in_bytes
             + memory.generated_code_size_in_bytes)
-    have, what = device_memory(trainer.mesh.devices.flat[0])
+    have, what = device_memory(trainer.mesh.local_devices[0])  # one of this process's
     if need > have:
         gib = 2**30
         raise ConfigError(
