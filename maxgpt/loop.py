@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
+import threading
 import time
 from typing import Any
 
@@ -40,6 +42,31 @@ def _describe_compile(compiled, seconds: float) -> str:
         text += (f"; per device: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, "
                  f"temporaries {memory.temp_size_in_bytes / gib:.2f} GiB")
     return text
+
+
+def compile_step(trainer: Trainer):
+    """The train step compiled for the trainer's shapes, and the seconds it took. XLA compiles
+    in a worker thread while the main thread waits in Python, so a signal is heard (and a
+    second one stops the process) during a compile of minutes, not after it."""
+    result: dict[str, Any] = {}
+
+    def work():
+        try:
+            with jax.set_mesh(trainer.mesh):
+                start = time.perf_counter()
+                result["compiled"] = trainer.step_fn.lower(
+                    abstract_state(trainer), _abstract_batch(trainer)).compile()
+                result["seconds"] = time.perf_counter() - start
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True, name="maxgpt-compile")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # returns to Python often: signal handlers run
+    if "error" in result:
+        raise result["error"]
+    return result["compiled"], result["seconds"]
 
 
 def device_memory(device) -> tuple[int, str]:
@@ -194,27 +221,24 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         check_eval_split(corpus, cfg.train.seq_len, trainer.streams)
     peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))
     n_params = count_params(cfg)  # outside the mesh context: abstract, unsharded shapes
-    # Compiled from shapes alone, before anything large exists or a file is opened: a step
-    # that cannot fit is refused before the state is allocated or the data starts flowing.
-    with jax.set_mesh(trainer.mesh):
-        start = time.perf_counter()
-        compiled = trainer.step_fn.lower(abstract_state(trainer),
-                                         _abstract_batch(trainer)).compile()
-        compile_note = _describe_compile(compiled, time.perf_counter() - start)
-    check_memory(compiled, trainer)
     with contextlib.ExitStack() as stack:
         if owner is not None:  # released last, after the final save is written
             stack.enter_context(contextlib.closing(owner))
+        stop = stack.enter_context(contextlib.closing(StopRequest()))  # heard from now on
+        say = print if echo and distributed.is_leader() else (lambda *a, **k: None)
+        say(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
+            f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against {peak_source}",
+            file=sys.stderr, flush=True)
+        # Compiled from shapes alone, before anything large exists or a file is opened: a
+        # step that cannot fit is refused before the state is allocated or the data flows.
+        compiled, seconds = compile_step(trainer)
+        say(_describe_compile(compiled, seconds), file=sys.stderr, flush=True)
+        check_memory(compiled, trainer)
         writer = stack.enter_context(contextlib.closing(MetricsWriter(run_dir, cfg.train.steps,
                                                                       echo)))
         checkpointer = None if run_dir is None else stack.enter_context(
             contextlib.closing(Checkpointer(run_dir, cfg.checkpoint)))
-        stop = stack.enter_context(contextlib.closing(StopRequest()))
         stack.enter_context(jax.set_mesh(trainer.mesh))
-        writer.info(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
-                    f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against "
-                    f"{peak_source}")
-        writer.info(compile_note)
         source = stack.enter_context(contextlib.closing(make_source(trainer, corpus)))
         fingerprint = data_fingerprint(trainer, corpus)
         state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)

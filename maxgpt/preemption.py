@@ -12,6 +12,7 @@ would replace the notifier that `jax.distributed.initialize` installed for SIGTE
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import jax
@@ -35,6 +36,9 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
+        print(f"maxgpt: {self.signal_name}: stopping after the current step, with a checkpoint "
+              "if the run has a directory (again: stop now, without one)", file=sys.stderr,
+              flush=True)
 
     def __call__(self, step: int) -> bool:
         """Whether to stop after `step` (the same answer on every process)."""

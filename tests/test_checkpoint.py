@@ -313,3 +313,39 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_resumes
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/{good}" in again.stderr
     assert max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == 40
+
+
+def test_signals_during_the_first_compile_are_heard_at_once(tmp_path):
+    """SIGINT while XLA compiles (a deep unrolled stack: seconds): acknowledged at once, then
+    the run trains one step, saves and exits 0; a second SIGINT stops it at once, exit 130,
+    before the compile ends."""
+    def start(run_dir):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maxgpt", "train", "--run-dir", str(run_dir), *ARGS,
+             "model.num_layers=24", "model.unroll_layers=-1"], cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # the line printed just before the compile starts
+            if line.startswith("maxgpt: tiny,"):
+                return proc
+        raise AssertionError(proc.communicate())
+
+    proc = start(tmp_path / "once")
+    proc.send_signal(signal.SIGINT)
+    heard = time.monotonic()
+    line = proc.stderr.readline()
+    assert line.startswith("maxgpt: SIGINT: stopping after the current step"), line
+    assert time.monotonic() - heard < 2
+    assert proc.stderr.readline().startswith("compiled train step")  # heard while compiling
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "SIGINT: stopped after step 1, checkpoint saved" in err
+    assert (tmp_path / "once/checkpoints/1").is_dir()
+
+    proc = start(tmp_path / "twice")
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr.readline().startswith("maxgpt: SIGINT: stopping")
+    proc.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "compiled train step" not in err, err
+    assert time.monotonic() - stopped < 5
