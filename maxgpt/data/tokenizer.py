@@ -22,7 +22,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from maxgpt.config import ConfigError
-from maxgpt.storage import PathLike, as_path, write_atomic
+from maxgpt.storage import PathLike, as_path, one_line, write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MIN_VOCAB = 256 + 4 + 4  # byte pieces, the specials, and at least a few merges
@@ -133,7 +133,8 @@ def train_tokenizer(documents: Iterable[str], out: PathLike, vocab_size: int,
             max_sentence_length=4 * TRAIN_CHUNK_CHARS, character_coverage=0.9999,
             input_sentence_size=0, num_threads=threads, minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size is too high": the sample is too small
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        # The first line: when sentencepiece's input raised, later lines are a stack dump
+        message = one_line(e)
         raise ConfigError(f"sentencepiece could not train a {vocab_size}-piece {model_type} "
                           f"tokenizer on this sample: {message}") from None
     out = as_path(out)
