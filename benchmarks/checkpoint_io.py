@@ -38,6 +38,7 @@ gs - local in milliseconds. Results are recorded in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -216,7 +217,7 @@ def compare(cfg, repeats: int, step_time: float, directory: str | None = None,
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     scratch = Path(tempfile.mkdtemp(prefix="maxgpt-ckpt-bench-", dir=directory))
     server = log = prefix = None
-    saved_env: dict[str, str | None] = {}
+    restore_env = contextlib.ExitStack()
     try:
         if "gs" in backends:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -227,9 +228,7 @@ def compare(cfg, repeats: int, step_time: float, directory: str | None = None,
             with open(log_path, "wb") as out:
                 url, server = emulator.start(scratch / "gcs", log=out)
             # Before any gs:// call: gcsfs and tensorstore read these when first used.
-            env = emulator.client_env(url)
-            saved_env = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
+            restore_env.enter_context(emulator.environment(emulator.client_env(url)))
             log = RequestLog(log_path)
             prefix = f"gs://{emulator.BUCKET}/ckpt-bench-{uuid.uuid4().hex[:8]}"
         local = scratch / "local" if "gs" in backends else scratch
@@ -255,11 +254,7 @@ def compare(cfg, repeats: int, step_time: float, directory: str | None = None,
                         as_path(run).rmtree()
                     trials[backend].append(trial)
     finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env.close()
         if server is not None:
             emulator.stop(server)
         shutil.rmtree(scratch, ignore_errors=True)
