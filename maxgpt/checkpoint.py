@@ -117,15 +117,38 @@ def check_architecture(saved_params: Any, abstract_params: Any, where: str) -> N
                               f"{have} there but {want} in this config")
 
 
-class _OrbaxErrors(logging.Filter):
+class _StorageNoise(logging.Filter):
     """Drops orbax's own error logs (tracebacks from its background threads, pages of them
-    for one failed save): maxgpt reports those failures itself, in one line."""
+    for one failed save) and asyncio's "exception was never retrieved" for the writes of a
+    failed save still in flight: maxgpt reports those failures itself, in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":
+            return "exception was never retrieved" not in str(record.msg)
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
-_ORBAX_ERRORS = _OrbaxErrors()
+_STORAGE_NOISE = _StorageNoise()
+
+
+def _quiet_storage_noise() -> None:
+    """Install the filter above (once: loggers keep a set of filters), and drop what the
+    writes of a failed save print as they finish into the event loop orbax has closed: a
+    traceback each ("Event loop is closed") through sys.unraisablehook, dozens of them,
+    through the middle of maxgpt's one line. Anything else goes to the hook as before."""
+    logging.getLogger("absl").addFilter(_STORAGE_NOISE)
+    logging.getLogger("asyncio").addFilter(_STORAGE_NOISE)
+    hook = sys.unraisablehook
+    if getattr(hook, "maxgpt", False):
+        return
+
+    def quiet(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+
+    quiet.maxgpt = True
+    sys.unraisablehook = quiet
 
 
 class SaveFailed(ConfigError):
@@ -138,14 +161,17 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = absolute(run_dir.checkpoints)
         self.pending: int | None = None  # the step of the newest save asked for
-        logging.getLogger("absl").addFilter(_ORBAX_ERRORS)  # (once: a set of filters)
+        _quiet_storage_noise()
         keep = None if cfg is None else cfg.keep
         keep_every = None if cfg is None or cfg.keep_every == 0 else cfg.keep_every
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, keep_period=keep_every, create=not read_only,
-                read_only=read_only, cleanup_tmp_directories=not read_only),
+                read_only=read_only, cleanup_tmp_directories=not read_only,
+                # Directories made inside save(): made in the background, a failure to make
+                # them (lost permissions) leaves save() waiting 20 minutes for their signal.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
             item_names=ITEMS,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": _DataHandler(),

@@ -13,6 +13,7 @@ All of maxgpt reaches storage through `etils.epath` (orbax's own path library), 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -92,6 +93,9 @@ def one_line(error: BaseException, width: int = 240) -> str:
     device", tends to come last)."""
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else type(error).__name__
+    code = re.search(r"\[os_error_code='(\d+)'\]", text)  # tensorstore's errno, at the end
     if len(text) > width:
         text = f"{text[:width // 3]} ... {text[-(width - width // 3 - 5):]}"
+    if code and os.strerror(int(code.group(1))) not in text:
+        text += f" ({os.strerror(int(code.group(1)))})"
     return text

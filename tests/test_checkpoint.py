@@ -352,35 +352,52 @@ def test_signals_during_the_first_compile_are_heard_at_once(tmp_path):
 
 
 def test_checkpoints_that_turn_read_only_mid_run_stop_it_within_seconds(tmp_path):
-    """checkpoints/ made read-only after the first checkpoint by a read-only bind mount over
-    it (what lost permissions look like to root, whom chmod does not stop): one line, exit
-    2, seconds later; the checkpoint before it resumes once it is writable again."""
+    """checkpoints/ made read-only after the first checkpoint (a tmpfs mounted there, then
+    remounted read-only: what lost permissions look like to root, whom chmod does not stop):
+    one line, exit 2, seconds later; the checkpoint before it resumes once it is writable."""
     if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root (CI runs as root)")
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    # A file system of its own: a tmpfs can be remounted read-only in containers that refuse
+    # a read-only remount of a bind mount.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(checkpoints)],
+                   check=True)
     args = [sys.executable, "-m", "maxgpt", "train", "--run-dir", str(run_dir), *ARGS[:2],
             "train.log_every=1", "checkpoint.every=5", "train.eval_every=0",
             "data.num_workers=0"]
-    proc = subprocess.Popen([*args, "train.steps=100000"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, 7)
-    while not (checkpoints / "5").is_dir():  # renamed into place once complete
-        time.sleep(0.1)
-    subprocess.run(["mount", "--bind", str(checkpoints), str(checkpoints)], check=True)
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(checkpoints)], check=True)
-        turned = time.monotonic()
-        _, err = proc.communicate(timeout=120)
+        proc = subprocess.Popen([*args, "train.steps=100000"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_step(proc, 7)
+            while not (checkpoints / "5").is_dir():  # renamed into place once complete
+                time.sleep(0.1)
+            for _ in range(100):  # refused (busy) while a save has a file open for writing
+                if subprocess.run(["mount", "-o", "remount,ro", str(checkpoints)],
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("could not remount the tmpfs read-only")
+            turned = time.monotonic()
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == 2, err[-3000:]
+        assert time.monotonic() - turned < 30
+        errors = [line for line in err.splitlines() if line.startswith("maxgpt: error:")]
+        assert len(errors) == 1 and "Read-only file system" in errors[0], err[-3000:]
+        assert "Traceback" not in err and "never retrieved" not in err, err[-3000:]
+        newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+        assert newest >= 5
+        assert f"newest complete checkpoint is {checkpoints}/{newest}" in errors[0]
+        subprocess.run(["mount", "-o", "remount,rw", str(checkpoints)], check=True)
+        again = subprocess.run([*args, f"train.steps={newest + 1}"], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resumed from {checkpoints}/{newest}" in again.stderr
     finally:
-        subprocess.run(["umount", str(checkpoints)], check=True)
-    assert proc.returncode == 2, err[-3000:]
-    assert time.monotonic() - turned < 30
-    errors = [line for line in err.splitlines() if line.startswith("maxgpt: error:")]
-    assert len(errors) == 1 and "Read-only file system" in errors[0], err[-3000:]
-    newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert newest >= 5 and f"newest complete checkpoint is {checkpoints}/{newest}" in errors[0]
-    again = subprocess.run([*args, f"train.steps={newest + 1}"], cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {checkpoints}/{newest}" in again.stderr
+        subprocess.run(["umount", "-l", str(checkpoints)], check=False)

@@ -252,3 +252,16 @@ def test_bfloat16_safetensors_are_read(tmp_path):
     assert config == GPT2
     np.testing.assert_array_equal(np.asarray(state["w"], np.float32),
                                   [[1.5, -2.0], [3.25, 0.0]])
+
+
+def test_a_storage_error_keeps_its_cause_in_one_line():
+    """tensorstore's errors can be kilobytes on one line and name the cause only by errno at
+    the very end: the line is cut in the middle and the errno spelled out."""
+    from maxgpt.storage import one_line
+    error = ValueError('PERMISSION_DENIED: Error opening "zarr" driver: Failed to open: '
+                       f'"/run/checkpoints/10": {os.strerror(30)}' + " {spec}" * 200
+                       + " [os_error_code='30']\nsecond line")
+    line = one_line(error)
+    assert "\n" not in line and len(line) < 300 and " ... " in line
+    assert line.startswith("PERMISSION_DENIED") and line.endswith(f"({os.strerror(30)})")
+    assert one_line(OSError(30, os.strerror(30))) == f"[Errno 30] {os.strerror(30)}"
