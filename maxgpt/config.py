@@ -173,6 +173,24 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """lm-evaluation-harness tasks (docs/evaluation.md), scored by maxgpt's own model."""
+    tasks: str  # comma-separated task names scored during training; "": none
+    tasks_every: int  # score them every this many steps and at the end; 0: only at the end
+    include_path: str  # a folder of task YAMLs of one's own (offline tasks); "": none
+    limit: int  # examples per task; 0: all
+    batch_size: int  # sequences per forward pass when scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    progress: Literal["auto", "bar", "lines"]  # auto: a bar on a terminal, else lines
+    wandb_project: str  # a Weights & Biases project to log to as well; "": off
+    wandb_name: str  # the W&B run name; "": the run dir's name
+    wandb_mode: Literal["online", "offline"]  # offline: files under RUN_DIR/wandb only
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     mesh: MeshConfig
@@ -180,6 +198,8 @@ class Config:
     optim: OptimConfig
     data: DataConfig
     checkpoint: CheckpointConfig
+    eval: EvalConfig
+    metrics: MetricsConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,6 +212,8 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "metrics": MetricsConfig,
 }
 
 

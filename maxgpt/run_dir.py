@@ -35,7 +35,7 @@ from maxgpt.storage import PathLike, as_path, one_line, write_atomic
 # else (the model, the optimizer and its schedule, the data) defines the run. Remat, the
 # attention kernel, layer unrolling, microbatches and the loss chunk change memory and speed,
 # not the numbers (to float rounding).
-RESUMABLE_SECTIONS = ("mesh", "checkpoint")
+RESUMABLE_SECTIONS = ("mesh", "checkpoint", "eval", "metrics")
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_steps",
              "train.max_bad_steps", "train.profile_steps", "train.microbatches",
              "train.loss_chunk", "model.remat", "model.attention", "model.unroll_layers")
