@@ -102,34 +102,38 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     import jax
 
-    from maxgpt.export import family, verify, write_folder
+    from maxgpt.export import family, write_folder
+    from maxgpt.hf_verify import require_torch, verify
     from maxgpt.inference import load_for_inference
 
     run_dir = _existing_run(args.run_dir)
     family(run_dir.load_config().model)  # refuse before restoring anything
+    if args.verify:
+        require_torch()
     trainer, params, corpus, step = load_for_inference(run_dir, args.step)
     params = jax.device_get(params)
     checked = []
 
     def check(folder: Path) -> None:  # the local folder, before a remote one is uploaded
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            raise ConfigError("--verify needs torch and transformers (pip install "
-                              "torch==2.13.0 transformers)") from None
-        texts = ["def main():\n    return 0\n", "The quick brown fox jumps over the lazy dog."]
-        worst = verify(trainer.cfg.model, params, folder, corpus.tokenizer, texts)
+        texts = ["def main():\n    return 0\n", "The quick brown fox jumps over the lazy dog.",
+                 "  tabs\tand  runs of   spaces,\n\nnewlines, café, 日本, 🤖, <s> as text"]
+        worst, ppl = verify(trainer.cfg.model, params, folder, corpus.tokenizer, texts,
+                            context)
         if worst > 1e-4:
             raise ConfigError(f"verification failed: logits differ by up to {worst:.2e}")
-        checked.append(worst)
+        checked.append((worst, ppl))
 
+    context = trainer.cfg.train.seq_len
     files = write_folder(trainer.cfg.model, params, args.out,
                          None if corpus is None else corpus.tokenizer.model_proto,
-                         overwrite=args.overwrite, check=check if args.verify else None)
-    print(f"{args.out}: step {step} as {family(trainer.cfg.model)} ({', '.join(files)})")
+                         context=context, overwrite=args.overwrite,
+                         check=check if args.verify else None)
+    print(f"{args.out}: step {step} as {family(trainer.cfg.model)}, context {context} "
+          f"({', '.join(files)})")
     if checked:
-        print(f"verified with transformers: same tokens, logits within {checked[0]:.1e}")
+        print(f"verified with transformers, without sentencepiece: same tokens (bos first), "
+              f"logits within {checked[0][0]:.1e}, perplexity within {checked[0][1]:.1e} "
+              "(relative)")
     return 0
 
 
@@ -370,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     exp.add_argument("--verify", action="store_true",
-                     help="load the export with transformers and compare logits and tokens")
+                     help="load the export with transformers, without sentencepiece, and "
+                          "compare tokens, logits and perplexity with maxgpt's")
     exp.set_defaults(func=cmd_export)
 
     imp = commands.add_parser("import", help="start a run from Hugging Face weights")

@@ -22,6 +22,7 @@ import.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 
 from maxgpt.config import ConfigError, ModelConfig
 from maxgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from maxgpt.hf_tokenizer import TOKENIZER_FILES, tokenizer_json, write_tokenizer_files
 from maxgpt.run_dir import RunDir
 from maxgpt.storage import PathLike, absolute, as_path, is_remote, one_line, upload_tree
 
@@ -84,24 +86,28 @@ def _mixtral(m: ModelConfig, llama: bool) -> str:
     return "mixtral"
 
 
-def hf_config(m: ModelConfig) -> dict[str, Any]:
-    kind = family(m)
+def hf_config(m: ModelConfig, context: int | None = None) -> dict[str, Any]:
+    """config.json. `context` (default model.max_seq_len) is the length evaluators may feed:
+    lm-evaluation-harness reads n_positions, then max_position_embeddings, as its window.
+    Export passes train.seq_len, the context the model was trained at; a learned position
+    table is then cut to that many rows (see to_hf), RoPE needs no table."""
+    kind, context = family(m), context or m.max_seq_len
     common = {"model_type": kind, "vocab_size": m.vocab_size, "bos_token_id": BOS_ID,
               "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "torch_dtype": "float32"}
     if kind in ("gpt2", "openai-gpt"):
-        cfg = {**common, "n_positions": m.max_seq_len, "n_embd": m.embed_dim,
+        cfg = {**common, "n_positions": context, "n_embd": m.embed_dim,
                "n_layer": m.num_layers, "n_head": m.num_heads,
                "layer_norm_epsilon": m.norm_eps, "resid_pdrop": m.dropout,
                "embd_pdrop": m.dropout, "attn_pdrop": 0.0, "tie_word_embeddings": True}
         if kind == "gpt2":
             return {**cfg, "architectures": ["GPT2LMHeadModel"], "n_inner": m.mlp_dim,
-                    "activation_function": "gelu_new", "n_ctx": m.max_seq_len}
+                    "activation_function": "gelu_new", "n_ctx": context}
         return {**cfg, "architectures": ["OpenAIGPTLMHeadModel"], "afn": "gelu"}  # tanh GELU
     cfg = {**common, "architectures": [f"{kind.capitalize()}ForCausalLM"],
            "hidden_size": m.embed_dim, "intermediate_size": m.mlp_dim,
            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
            "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
-           "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
+           "max_position_embeddings": context, "rms_norm_eps": m.norm_eps,
            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
            "rope_theta": m.rope_theta, "tie_word_embeddings": m.tie_embeddings,
            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0}
@@ -122,8 +128,10 @@ def _gpt_names(kind: str) -> tuple[str, str]:
     return ("wte", "wpe") if kind == "gpt2" else ("tokens_embed", "positions_embed")
 
 
-def to_hf(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """maxgpt parameters (pure dict, stacked layers) -> a Hugging Face state dict (numpy)."""
+def to_hf(m: ModelConfig, params: dict, context: int | None = None) -> dict[str, np.ndarray]:
+    """maxgpt parameters (pure dict, stacked layers) -> a Hugging Face state dict (numpy).
+    A learned position table keeps its first `context` rows (default all): training at
+    train.seq_len never reads a position past it, so later rows are untrained."""
     kind, V, D = family(m), m.vocab_size, m.embed_dim
     p = _numpy(params)
     a, mlp = p["blocks"]["attn"], p["blocks"]["mlp"]
@@ -132,7 +140,7 @@ def to_hf(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     if kind in ("gpt2", "openai-gpt"):
         wte, wpe = _gpt_names(kind)
         out[f"transformer.{wte}.weight"] = p["embed"][:V]
-        out[f"transformer.{wpe}.weight"] = p["pos_embed"]
+        out[f"transformer.{wpe}.weight"] = p["pos_embed"][:context or m.max_seq_len]
         for i in range(m.num_layers):
             h = f"transformer.h.{i}."
             out[h + "attn.c_attn.weight"] = np.concatenate(  # Conv1D: (in, out), q|k|v
@@ -181,17 +189,14 @@ def _numpy(tree):
 
 
 SHARD_BYTES = 2 * 2**30  # one safetensors file up to 2 GiB, then shards with an index
-TOKENIZER_CONFIG = {  # what AutoTokenizer needs to tokenise exactly like maxgpt (tested)
-    "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-    "legacy": False, "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>",
-    "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
 def write_folder(m: ModelConfig, params: dict, out: PathLike, tokenizer_proto: bytes | None,
-                 overwrite: bool = False,
+                 context: int | None = None, overwrite: bool = False,
                  check: Callable[[Path], None] | None = None) -> list[str]:
     """A Hugging Face model folder: config.json, generation_config.json, safetensors (sharded
-    with an index past SHARD_BYTES), and the tokenizer. Returns the files written.
+    with an index past SHARD_BYTES), and the tokenizer files (maxgpt.hf_tokenizer). `context`
+    is the trained context (train.seq_len; see hf_config). Returns the files written.
 
     `out` may be local or a URI; a remote folder is built locally, given to `check` (e.g. a
     load with transformers, which reads local folders only) and uploaded only if that
@@ -200,6 +205,10 @@ def write_folder(m: ModelConfig, params: dict, out: PathLike, tokenizer_proto: b
     if tokenizer_proto is None:
         raise ConfigError("this run has no tokenizer (synthetic data): nothing to evaluate "
                           "an export with")
+    if context is not None and not 0 < context <= m.max_seq_len:
+        raise ConfigError(f"the export context {context} must be in 1..model.max_seq_len="
+                          f"{m.max_seq_len}")
+    fast = tokenizer_json(tokenizer_proto)  # also refuses before anything is written
     out = as_path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose a new "
@@ -207,7 +216,10 @@ def write_folder(m: ModelConfig, params: dict, out: PathLike, tokenizer_proto: b
     remote = is_remote(out)
     folder = Path(tempfile.mkdtemp(prefix="maxgpt-export-")) if remote else Path(out)
     try:
-        files = _write_local_folder(m, params, folder, tokenizer_proto)
+        files = _write_local_folder(m, params, folder, context or m.max_seq_len)
+        write_tokenizer_files(folder, tokenizer_proto, fast, context or m.max_seq_len)
+        files += TOKENIZER_FILES
+        _readable(folder, files)
         if check is not None:
             check(folder)
         if remote:
@@ -215,66 +227,42 @@ def write_folder(m: ModelConfig, params: dict, out: PathLike, tokenizer_proto: b
     finally:
         if remote:
             shutil.rmtree(folder)
-    return files
+    return sorted(files)
 
 
-def _write_local_folder(m: ModelConfig, params: dict, out: Path, tokenizer_proto: bytes
-                        ) -> list[str]:
+def _write_local_folder(m: ModelConfig, params: dict, out: Path, context: int) -> list[str]:
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = to_hf(m, params)
+    state = to_hf(m, params, context)
     groups: list[dict[str, np.ndarray]] = [{}]
     for name, array in state.items():
         if groups[-1] and sum(a.nbytes for a in groups[-1].values()) + array.nbytes > SHARD_BYTES:
             groups.append({})
         groups[-1][name] = array
-    if len(groups) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-                 for i in range(len(groups))]
+    shards = ["model.safetensors"] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    files = [*shards, "config.json", "generation_config.json"]
+    if len(shards) > 1:
         index = {"metadata": {"total_size": sum(a.nbytes for a in state.values())},
-                 "weight_map": {n: f for f, g in zip(files, groups) for n in g}}
+                 "weight_map": {n: f for f, g in zip(shards, groups) for n in g}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for name, group in zip(files, groups):
+        files.append("model.safetensors.index.json")
+    for name, group in zip(shards, groups):
         save_file(group, str(out / name), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(m), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(m, context), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, indent=2))
-    (out / "tokenizer.model").write_bytes(tokenizer_proto)
-    (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {k: TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
-    return sorted(p.name for p in out.iterdir())
+    return files
 
 
-def verify(m: ModelConfig, params: dict, out: Path, tokenizer, texts: list[str]) -> float:
-    """transformers loading `out` against maxgpt's forward on the same text: the largest
-    logit difference (raises if tokens differ). Needs torch and transformers."""
-    import jax.numpy as jnp
-    import torch
-    import transformers
-
-    from flax import nnx
-
-    from maxgpt.model import Transformer
-
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0))))
-    model = nnx.merge(graphdef, params)
-    worst = 0.0
-    for text in texts:
-        ids = [BOS_ID, *tokenizer.encode(text)]
-        theirs_ids = [BOS_ID, *hf_tokenizer(text)["input_ids"]]
-        if ids != theirs_ids:
-            raise ConfigError(f"the exported tokenizer splits {text[:40]!r} differently")
-        with torch.no_grad():
-            theirs = hf(torch.tensor([ids])).logits.numpy()
-        ours = np.asarray(model(jnp.asarray([ids])))[..., :m.vocab_size]
-        worst = max(worst, float(np.abs(theirs - ours).max()))
-    return worst
+def _readable(folder: Path, files: list[str]) -> None:
+    """The files written, all with an ordinary new file's mode (0644 under the usual umask
+    022): safetensors creates its files 0600."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    for name in files:
+        (folder / name).chmod(0o666 & ~umask)
 
 
 def model_overrides(hf: dict[str, Any]) -> dict[str, Any]:
@@ -491,9 +479,12 @@ def import_folder(hf_dir: PathLike, run_dir: PathLike, overrides=()) -> RunDir:
     values = model_overrides(read_config(hf_dir))  # refuse before reading any weights
     _, state = read_folder(hf_dir)
     imported = absolute(run_dir.path / "imported")
+    # a folder's context (a maxgpt export's is its train.seq_len) bounds the default rows
+    context = min(load_config(None).train.seq_len, values["max_seq_len"])
     cfg = load_config(None, [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}"
                              for k, v in values.items()]
-                      + [f"checkpoint.load_params_from={imported}", *overrides])
+                      + [f"train.seq_len={context}", f"checkpoint.load_params_from={imported}",
+                         *overrides])
     params = from_hf(cfg.model, state)
     check_architecture(params, nnx.to_pure_dict(abstract_model(cfg)[1]), f"{hf_dir}")
     manager = ocp.CheckpointManager(imported / "checkpoints", item_names=("state",),
