@@ -71,8 +71,30 @@ def cmd_eval(args) -> int:
     from maxgpt.inference import evaluate_checkpoint
 
     run_dir = _existing_run(args.run_dir)
-    metrics = evaluate_checkpoint(run_dir, args.step, args.overrides)
-    print(json.dumps(metrics))
+    if args.tasks is None:
+        metrics = evaluate_checkpoint(run_dir, args.step, args.overrides)
+        print(json.dumps(metrics))
+        return 0
+    import jax
+
+    from maxgpt.harness import Tasks
+    from maxgpt.inference import load_for_inference
+    from maxgpt.metrics import MetricsWriter
+
+    overrides = [*args.overrides, f"eval.tasks={args.tasks}"]
+    cfg = run_dir.load_config(overrides)
+    tasks = Tasks(cfg.eval, run_dir)  # names checked before a checkpoint is read
+    trainer, params, corpus, step = load_for_inference(run_dir, args.step, overrides)
+    if corpus is None:
+        raise ConfigError(f"{run_dir} trained on synthetic data: lm-eval tasks need a model "
+                          "of text")
+    with jax.set_mesh(trainer.mesh):
+        row = tasks.score(trainer, params, corpus.tokenizer, step)
+    if row is not None:  # process 0
+        writer = MetricsWriter(run_dir, cfg.train.steps, echo=False)
+        writer.write(row)
+        writer.close()
+        print(json.dumps(tasks.summary(row)))
     return 0
 
 
@@ -349,11 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=cmd_train, distributed=True)
 
-    evaluate = commands.add_parser("eval", help="held-out loss, perplexity, bits per byte")
+    evaluate = commands.add_parser("eval", help="held-out loss, perplexity, bits per byte; "
+                                                "with --tasks, lm-eval-harness tasks")
     evaluate.add_argument("--run-dir", required=True, help="a run directory with checkpoints")
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    evaluate.add_argument("--tasks", metavar="NAME[,NAME...]",
+                          help="lm-evaluation-harness tasks scored by maxgpt's own model "
+                               "(sets eval.tasks; needs the [eval] extra; "
+                               "docs/evaluation.md)")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
-                          help="e.g. train.eval_steps=100")
+                          help="e.g. train.eval_steps=100, eval.limit=100, "
+                               "eval.include_path=DIR")
     evaluate.set_defaults(func=cmd_eval, distributed=True)
 
     gen = commands.add_parser("generate", help="complete prompts with a trained model")

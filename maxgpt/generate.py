@@ -23,6 +23,7 @@ from flax import nnx
 
 from maxgpt.config import ConfigError, ModelConfig
 from maxgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from maxgpt.sharding import constrain
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
@@ -68,14 +69,17 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p
 
 def generate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, prompts: list[list[int]], *,
              max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0,
+             prompt_slots: int = 0) -> list[list[int]]:
     """Continue each prompt (token ids, bos included) by up to `max_new_tokens`; a row stops
-    at eos (never before `min_new_tokens`). Returns the new ids of each row, eos excluded."""
+    at eos (never before `min_new_tokens`). Returns the new ids of each row, eos excluded.
+    Prompts are left-padded to at least `prompt_slots` slots, so that calls with prompts of
+    other lengths share one compiled shape (maxgpt/scoring.py)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, seed=seed)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
-    B, P = len(prompts), max(len(p) for p in prompts)
+    B, P = len(prompts), max(prompt_slots, *(len(p) for p in prompts))
     length = P + max_new_tokens
     if cfg.position == "learned" and length > cfg.max_seq_len:
         raise ConfigError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -120,7 +124,9 @@ def _run(graphdef, params, tokens, positions, cache, key, max_new: int, min_new:
 
     carry = (jnp.zeros((), jnp.int32), logits[:, -1], cache, positions[:, -1:] + 1,
              jnp.full((B, max_new), -1, jnp.int32), jnp.zeros((B,), bool))
-    return jax.lax.while_loop(cond, body, carry)[4]
+    # replicated: every process reads every row (rows sharded over several processes'
+    # devices could not be fetched by any one of them)
+    return constrain(jax.lax.while_loop(cond, body, carry)[4], (None, None))
 
 
 SAMPLE_TOKENS = 160

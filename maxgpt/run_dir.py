@@ -6,6 +6,7 @@
     RUN/tensorboard/       event files
     RUN/checkpoints/       orbax step directories (maxgpt/checkpoint.py)
     RUN/profile/           jax.profiler traces (train.profile_steps)
+    RUN/eval/              lm-eval task results, tasks-step-<N>.json (maxgpt/harness.py)
     RUN/owner.json         the training job that owns the run while it runs (maxgpt/owner.py)
     RUN/.maxgpt-probes/    where each start proves every process shares RUN (left empty)
 
@@ -91,6 +92,10 @@ class RunDir:
     @property
     def profile(self):
         return self.path / "profile"
+
+    def task_results(self, step: int):
+        """lm-eval task results of checkpoint (or training) step `step`."""
+        return self.path / "eval" / f"tasks-step-{step}.json"
 
     @property
     def owner_file(self):
