@@ -120,11 +120,18 @@ def check_architecture(saved_params: Any, abstract_params: Any, where: str) -> N
 class _StorageNoise(logging.Filter):
     """Drops orbax's own error logs (tracebacks from its background threads, pages of them
     for one failed save) and asyncio's "exception was never retrieved" for the writes of a
-    failed save still in flight: maxgpt reports those failures itself, in one line."""
+    failed save still in flight: maxgpt reports those failures itself, in one line. Also
+    the warnings a read-only manager (eval, generate, export) logs on every start, which
+    read like a permission problem."""
+
+    READ_ONLY_NOTES = ("Given directory is read only",
+                       "CheckpointManagerOptions.read_only=True")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "asyncio":
             return "exception was never retrieved" not in str(record.msg)
+        if "orbax" in record.pathname and str(record.msg).startswith(self.READ_ONLY_NOTES):
+            return False
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
@@ -339,6 +346,7 @@ def load_params(path: PathLike, abstract_params: Any, shardings: Any) -> tuple[A
     if not directory.is_dir():
         raise ConfigError(f"checkpoint.load_params_from={path}: no checkpoints there "
                           "(give a run directory or RUN/checkpoints/STEP)")
+    _quiet_storage_noise()
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True),
         item_names=("state",), item_handlers={"state": ocp.PyTreeCheckpointHandler()})

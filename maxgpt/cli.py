@@ -62,8 +62,7 @@ def cmd_train(args) -> int:
     if run_dir is not None and run_dir.holds_run():
         _refuse_going_back(run_dir, cfg.train.steps)
     run_dir = run_dir or RunDir(f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run(cfg, run_dir)
-    print(f"maxgpt: run written to {run_dir}", file=sys.stderr)
+    run(cfg, run_dir)  # ends with a summary on stderr: losses, time, the next commands
     return 0
 
 
@@ -175,6 +174,7 @@ def cmd_prepare(args) -> int:
 
     if not (math.isfinite(args.shard_mb) and args.shard_mb > 0):
         raise ConfigError(f"--shard-mb must be a positive size in MiB, got {args.shard_mb}")
+    started = time.perf_counter()  # a bar on a terminal (maxgpt/data/prepare.py)
     try:
         summary = prepare(args.inputs, args.out, text_field=args.text_field,
                           text_suffixes=args.text_suffix or (".txt",),
@@ -188,7 +188,8 @@ def cmd_prepare(args) -> int:
     print(f"{args.out}: {summary['files']} files -> train {splits['train']['documents']:,} "
           f"documents ({splits['train']['bytes']:,} bytes), validation "
           f"{splits['validation']['documents']:,} documents "
-          f"({splits['validation']['bytes']:,} bytes); skipped: {skipped}")
+          f"({splits['validation']['bytes']:,} bytes); skipped: {skipped}; "
+          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -204,6 +205,11 @@ def cmd_tokenizer_train(args) -> int:
     if out.exists():
         raise ConfigError(f"{out} already exists; remove it or pass --out (nothing was changed)")
     failed: list[ConfigError] = []
+    started = time.perf_counter()
+    if sys.stderr.isatty():  # reading the sample draws a bar, then sentencepiece is silent
+        print(f"maxgpt: training a {args.vocab_size}-piece {args.model_type} tokenizer on up "
+              f"to {args.sample_mb:g} MB of {args.data} (a minute or more for 32 MB)",
+              file=sys.stderr, flush=True)
 
     def documents():  # sentencepiece turns an error raised in its input into its own text
         try:
@@ -219,7 +225,8 @@ def cmd_tokenizer_train(args) -> int:
         if failed:
             raise failed[0] from None
         raise
-    print(f"{out}: {args.model_type} tokenizer, {tokenizer.vocab_size} pieces")
+    print(f"{out}: {args.model_type} tokenizer, {tokenizer.vocab_size} pieces, trained in "
+          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 

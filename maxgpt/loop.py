@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import threading
 import time
 from typing import Any
@@ -20,14 +19,17 @@ from maxgpt.data import SyntheticSource
 from maxgpt.data.pipeline import (Corpus, StreamReader, batches, check_eval_split, describe,
                                   resolve_corpus)
 from maxgpt.evaluate import evaluate
-from maxgpt.flops import flops_per_token, peak_flops
+from maxgpt.flops import Peak, flops_per_token
 from maxgpt.generate import print_sample
+from maxgpt.harness import training_tasks
 from maxgpt.metrics import MetricsWriter
 from maxgpt.owner import Owner
 from maxgpt.preemption import StopRequest
 from maxgpt.profiling import Profile
+from maxgpt.progress import Console, Phases, rows_of, summary
 from maxgpt.run_dir import RunDir
 from maxgpt.storage import PathLike
+from maxgpt.trackers import check_tracker, open_tracker
 from maxgpt.train import (Trainer, _abstract_batch, abstract_state, all_finite, build_trainer,
                           count_params, init_state)
 
@@ -147,6 +149,9 @@ def restore_or_init(trainer: Trainer, checkpointer: Checkpointer | None, source,
     """The newest readable checkpoint's state and data position; else a fresh state, with
     parameters from `checkpoint.load_params_from` if set."""
     abstract = abstract_state(trainer)
+    newest = None if checkpointer is None else checkpointer.latest_step()
+    if newest is not None:  # seconds to minutes for a large state
+        writer.info(f"maxgpt: restoring checkpoint {newest} of {checkpointer.directory}")
     restored = None if checkpointer is None else checkpointer.restore_newest(
         abstract, trainer.state_shardings)
     if restored is None:
@@ -204,7 +209,7 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
     accepted. SIGTERM/SIGINT end the run early after the current step, with a checkpoint
     (if there is a run directory). Returns the final state and the logged metric rows.
     """
-    owner = None
+    owner, phases = None, Phases()
     if run_dir is not None:
         run_dir = RunDir(run_dir)
         run_dir.check_shared()  # before anything is read or written
@@ -216,32 +221,41 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
                                                                 streams=trainer.streams))
         trainer = dataclasses.replace(trainer, cfg=cfg)
-    corpus = open_corpus(cfg, run_dir)
-    if corpus is not None and cfg.train.eval_every > 0:  # fail now, not at the first eval
-        check_eval_split(corpus, cfg.train.seq_len, trainer.streams)
-    peak, peak_source = peak_flops(list(trainer.mesh.devices.flat))
+    with phases("data"):  # the built-in corpus and its tokenizer are built on first use
+        corpus = open_corpus(cfg, run_dir)
+        if corpus is not None and cfg.train.eval_every > 0:  # fail now, not at the first eval
+            check_eval_split(corpus, cfg.train.seq_len, trainer.streams)
+    tasks = training_tasks(cfg, corpus, run_dir)  # eval.tasks (lm-eval): checked now
+    check_tracker(cfg, run_dir)  # metrics.wandb_project: wandb importable
+    with phases("peak probe"):
+        peak = Peak(list(trainer.mesh.devices.flat))
     n_params = count_params(cfg)  # outside the mesh context: abstract, unsharded shapes
     with contextlib.ExitStack() as stack:
         if owner is not None:  # released last, after the final save is written
             stack.enter_context(contextlib.closing(owner))
         stop = stack.enter_context(contextlib.closing(StopRequest()))  # heard from now on
-        say = print if echo and distributed.is_leader() else (lambda *a, **k: None)
-        say(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
-            f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against {peak_source}",
-            file=sys.stderr, flush=True)
+        console = Console(cfg.metrics.progress, echo and distributed.is_leader())
+        stack.callback(console.close)
+        console.note(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
+                     f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against "
+                     f"{peak.source}; compiling the train step")
         # Compiled from shapes alone, before anything large exists or a file is opened: a
         # step that cannot fit is refused before the state is allocated or the data flows.
-        compiled, seconds = compile_step(trainer)
-        say(_describe_compile(compiled, seconds), file=sys.stderr, flush=True)
+        with phases("compile"):
+            compiled, seconds = compile_step(trainer)
+        console.note(_describe_compile(compiled, seconds))
         check_memory(compiled, trainer)
+        tracker = open_tracker(cfg, run_dir) if distributed.is_leader() else None
         writer = stack.enter_context(contextlib.closing(MetricsWriter(run_dir, cfg.train.steps,
-                                                                      echo)))
+                                                                      echo, tracker)))
+        writer.console = console
         checkpointer = None if run_dir is None else stack.enter_context(
             contextlib.closing(Checkpointer(run_dir, cfg.checkpoint)))
         stack.enter_context(jax.set_mesh(trainer.mesh))
         source = stack.enter_context(contextlib.closing(make_source(trainer, corpus)))
         fingerprint = data_fingerprint(trainer, corpus)
-        state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)
+        with phases("restore" if checkpointer and checkpointer.latest_step() else "init"):
+            state, first = restore_or_init(trainer, checkpointer, source, fingerprint, writer)
         if run_dir is not None:  # the start or resume is accepted: now the run is written
             owner.claim()
             run_dir.write(cfg, None if corpus is None else corpus.tokenizer.model_proto)
@@ -251,6 +265,10 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         byte_lengths = None if corpus is None else corpus.tokenizer.byte_lengths()
         history, previous, stopped, done = [], None, False, first
         last_time, last_step = time.perf_counter(), first
+        loop_start, probing = last_time, peak.spent
+        for name in ("first step", "training"):  # in this order in the summary
+            phases.add(name, 0.0)
+        console.start(first, cfg.train.steps)
         profile = Profile(cfg.train.profile_range(), run_dir, writer)
         stack.callback(profile.stop)
         timer = SaveTimer(cfg.checkpoint.every_minutes if checkpointer else 0, trainer.mesh)
@@ -258,6 +276,7 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
             profile.before(step + 1)
             state, metrics = compiled(state, trainer.global_batch(next(source)))
             done = step + 1
+            console.advance(done)
             profile.after(done, metrics)
             # The previous step's verdict, read while this one runs: no stall per step.
             _check_bad_steps(previous, cfg, done - 1)
@@ -270,20 +289,23 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
                 metrics = jax.device_get(metrics)  # waits for the step: honest timing
                 now = time.perf_counter()
                 step_time = (now - last_time) / (done - last_step)
+                if done == first + 1:  # the data workers start during the first step
+                    phases.add("first step", now - loop_start)
                 history.append(writer.write({
                     "step": done, "loss": metrics["loss"], "lr": metrics["lr"],
                     "grad_norm": metrics["grad_norm"],
                     "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
-                    "mfu": None if peak is None else flops_per_step / step_time / peak,
+                    "mfu": peak.mfu(flops_per_step / step_time),  # may probe again
                     "tokens_seen": done * tokens_per_step,  # training rows are never padded
                     "skipped_steps": metrics["skipped_steps"],
                     **{k: v for k, v in metrics.items() if k.startswith("moe_")}}))
-                last_time, last_step = now, done
+                last_time, last_step = time.perf_counter(), done  # after a peak probe
             # Save before evaluating: a failing evaluation must not cost the checkpoint.
             saving = checkpointer is not None and (
                 stopped or timed or _due(done, cfg.checkpoint.every, cfg.train.steps))
             if saving:
-                _save(checkpointer, done, state, source, fingerprint, corpus, cfg)
+                with phases("saves"):
+                    _save(checkpointer, done, state, source, fingerprint, corpus, cfg)
                 timer.saved()
             if stopped:
                 writer.info(f"maxgpt: {stop.signal_name or 'preemption'}: stopped after step "
@@ -293,12 +315,36 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
             evaluating = (corpus is not None and cfg.train.eval_every > 0
                           and _due(done, cfg.train.eval_every, cfg.train.steps))
             if evaluating:
-                history.append(writer.write({"step": done, **evaluate(
-                    trainer, state["params"], corpus, byte_lengths)}))
-            if saving or evaluating:  # not training time
+                with phases("eval"):
+                    history.append(writer.write({"step": done, **evaluate(
+                        trainer, state["params"], corpus, byte_lengths)}))
+            scoring = tasks is not None and _due(done, cfg.eval.tasks_every, cfg.train.steps)
+            if scoring:  # lm-eval tasks, every eval.tasks_every steps (maxgpt/harness.py)
+                with phases("eval"):
+                    row = tasks.score(trainer, state["params"], corpus.tokenizer, done)
+                if row is not None:  # process 0
+                    history.append(writer.write(row))
+            if saving or evaluating or scoring:  # not training time
                 last_time, last_step = time.perf_counter(), done
         _check_bad_steps(previous, cfg, done)
+        probing = peak.spent - probing  # peak probes during training, at the rows
+        phases.add("training", time.perf_counter() - loop_start - probing - sum(
+            phases.spent.get(k, 0.0) for k in ("first step", "saves", "eval")))
+        phases.add("peak probe", probing)
+        if console.enabled:
+            with phases("peak probe"):
+                peak.refresh(force=True)  # for the summary's MFU: the highest rate seen
+        console.close()
         if corpus is not None and echo and not stopped:
-            print_sample(trainer.graphdef, state["params"], cfg.model, corpus.tokenizer,
-                         cfg.train.seed)
+            with phases("sample"):
+                print_sample(trainer.graphdef, state["params"], cfg.model, corpus.tokenizer,
+                             cfg.train.seed)
+        closing = stack.pop_all()
+    with phases("final save and close"):
+        closing.close()
+    console.note(summary(rows_of(writer.lines) if writer.lines else history, phases,
+                         run_dir=run_dir, total_steps=cfg.train.steps,
+                         trained_steps=done - first, flops_per_step=flops_per_step,
+                         peak=peak.value, peak_source=peak.source,
+                         has_text=corpus is not None, stopped=stopped))
     return state, history

@@ -21,6 +21,7 @@ from typing import Any
 from maxgpt import distributed
 from maxgpt.run_dir import RunDir
 from maxgpt.storage import is_remote, one_line, write_atomic
+from maxgpt.trackers import scalar_name
 
 
 def _plain(value: Any) -> Any:
@@ -33,6 +34,10 @@ def _plain(value: Any) -> Any:
 
 
 def format_row(row: dict[str, Any], total_steps: int) -> str:
+    tasks = {k[len("eval_task/"):]: v for k, v in row.items() if k.startswith("eval_task/")}
+    if tasks:  # lm-eval task metrics (maxgpt/harness.py)
+        return f"tasks {row['step']}/{total_steps} | " + " | ".join(
+            f"{k} {'nan' if v is None else format(v, '.4g')}" for k, v in tasks.items())
     if "eval_loss" in row:
         return (f"eval {row['step']}/{total_steps} | loss {row['eval_loss']:.4f} | "
                 f"ppl {row['eval_ppl']:.2f} | {row['eval_bpb']:.4f} bits/byte | "
@@ -103,8 +108,12 @@ class MetricsWriter:
     RUN/tensorboard/ the same way (tensorboardX's own gs:// writer uploads in the loop's
     threads and again at interpreter exit, where an unreachable bucket hangs it 120 s)."""
 
-    def __init__(self, run_dir: RunDir | None, total_steps: int, echo: bool = True):
+    console = None  # a maxgpt.progress.Console the loop sets: the bar, elapsed and ETA
+
+    def __init__(self, run_dir: RunDir | None, total_steps: int, echo: bool = True,
+                 tracker=None):
         self.total_steps = total_steps
+        self.tracker = tracker  # maxgpt/trackers.py (W&B), process 0 only; or None
         self.enabled = distributed.is_leader()
         self.echo = echo and self.enabled
         self.lines: list[str] = []
@@ -151,17 +160,22 @@ class MetricsWriter:
             with self._tensorboard_errors():
                 for key, value in row.items():
                     if key != "step" and isinstance(value, (int, float)):
-                        name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                        self.tensorboard.add_scalar(name, value, row["step"])
+                        self.tensorboard.add_scalar(scalar_name(key), value, row["step"])
+        if self.tracker is not None:
+            self.tracker.log(row)
         if self.uploader is not None:
             self.lines.append(json.dumps(row))
             self._flush()
-        if self.echo:
+        if self.echo and self.console is not None:  # elapsed, ETA; above the bar
+            self.console.row(row, format_row(row, self.total_steps))
+        elif self.echo:
             print(format_row(row, self.total_steps), flush=True)
         return row
 
     def info(self, text: str) -> None:
-        if self.echo:
+        if self.echo and self.console is not None:
+            self.console.note(text)
+        elif self.echo:
             print(text, file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
@@ -185,4 +199,6 @@ class MetricsWriter:
             self.uploader.close()
         if self.events is not None:
             shutil.rmtree(self.events, ignore_errors=True)
+        if self.tracker is not None:
+            self.tracker.close()
 

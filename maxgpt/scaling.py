@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import math
+import time
 
 from etils import epath
 
@@ -221,6 +222,28 @@ def plot(runs: list[dict], law: Law, target: dict, path: epath.Path) -> None:
     write_atomic(path, image.getvalue())
 
 
+def train_rungs(rungs: list[Rung], out: epath.Path, base: tuple[str, ...], echo) -> list[dict]:
+    """Each rung's result, trained (or read); after each, a line with the time so far and
+    an ETA by training FLOPs (6 N D) of the rungs still to train."""
+    from maxgpt.progress import duration
+
+    flops = [6 * non_embedding_params(load_config(None, r.overrides(base))) * r.tokens
+             for r in rungs]
+    left = sum(f for r, f in zip(rungs, flops)
+               if not (out / "runs" / r.name / "result.json").is_file())
+    runs, started, trained = [], time.monotonic(), 0.0
+    for i, (rung, cost) in enumerate(zip(rungs, flops)):
+        cached = (out / "runs" / rung.name / "result.json").is_file()
+        runs.append(run_rung(rung, out, base, echo))
+        elapsed = time.monotonic() - started
+        if not cached:
+            trained += cost
+        eta = "" if not trained else f", eta {duration(elapsed / trained * (left - trained))}"
+        echo(f"scaling: {i + 1}/{len(rungs)} {rung.name}: loss {runs[-1]['loss']:.4f}"
+             f"{' (done before)' if cached else ''}; elapsed {duration(elapsed)}{eta}")
+    return runs
+
+
 def ladder(out: PathLike, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS, target: float | None = None,
            samples: int = 200, base: tuple[str, ...] = (), echo=print) -> dict:
     """Train what is missing of the ladder, fit, extrapolate, write fit.json and ladder.png."""
@@ -233,7 +256,7 @@ def ladder(out: PathLike, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS, target: fl
     load_config(None, [*RUN_DEFAULTS, *base])  # a bad override fails before any training
     out = as_path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_rung(r, out, tuple(base), echo) for r in rungs]
+    runs = train_rungs(rungs, out, tuple(base), echo)
     n, d, y = ([r[k] for r in runs] for k in ("params", "tokens", "loss"))
     law, rms = fit_law(n, d, y)
     target = target or 10 * max(n)

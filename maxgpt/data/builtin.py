@@ -61,12 +61,20 @@ def _exclusive(target: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _say(text: str, progress: bool) -> None:
+    """A start-up line on stderr: building these takes seconds, and once only."""
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
 def prepared_corpus(progress: bool = True) -> Path:
     """The prepared stdlib corpus, preparing it on first use (a few seconds)."""
     directory = corpus_dir()
     if not (directory / SUMMARY).is_file():
         with _exclusive(directory):
             if not (directory / SUMMARY).is_file():  # not built while we waited
+                _say(f"maxgpt: preparing the built-in corpus (this Python's standard library) "
+                     f"in {directory}, once", progress)
                 prepare(stdlib_files(), directory, text_suffixes=(".py",),
                         validation_fraction=VALIDATION_FRACTION, progress=progress)
     return directory
@@ -79,5 +87,7 @@ def tokenizer_path(vocab_size: int) -> Path:
     if not path.is_file():
         with _exclusive(path):
             if not path.is_file():
+                _say(f"maxgpt: training a {vocab_size}-piece BPE tokenizer on the built-in "
+                     f"corpus, once (4 s for 512 pieces, 5-10 s for 8192 on 2 cores)", True)
                 train_tokenizer(sample_documents(directory), path, vocab_size)
     return path
