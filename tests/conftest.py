@@ -8,6 +8,9 @@ import os
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# CI has no network beyond package installs: transformers, datasets (lm-eval's local tasks)
+# and wandb (offline runs) must never try the internet, in this process or its children.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
 
 # The built-in corpus and its tokenizers are cached here, fresh for every test session (as
 # on CI), never in the user's ~/.cache.
