@@ -29,6 +29,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _starting(text: str) -> None:
+    """A phase's start-up line, on a terminal only: in logs and pipes an error stays the one
+    line on stderr (docs/configuration.md, Errors)."""
+    if sys.stderr.isatty():
+        print(f"maxgpt: {text}", file=sys.stderr, flush=True)
+
+
 def _existing_run(path: str):
     from maxgpt.run_dir import RunDir
 
@@ -131,9 +138,13 @@ def cmd_export(args) -> int:
     family(run_dir.load_config().model)  # refuse before restoring anything
     if args.verify:
         require_torch()
+    _starting(f"reading the {'newest' if args.step is None else f'step {args.step}'} "
+              f"checkpoint of {run_dir}")
     trainer, params, corpus, step = load_for_inference(run_dir, args.step)
     params = jax.device_get(params)
     checked = []
+    _starting(f"writing {args.out}" + (" and verifying it with transformers (in a process "
+                                       "without sentencepiece)" if args.verify else ""))
 
     def check(folder: Path) -> None:  # the local folder, before a remote one is uploaded
         texts = ["def main():\n    return 0\n", "The quick brown fox jumps over the lazy dog.",
@@ -206,10 +217,9 @@ def cmd_tokenizer_train(args) -> int:
         raise ConfigError(f"{out} already exists; remove it or pass --out (nothing was changed)")
     failed: list[ConfigError] = []
     started = time.perf_counter()
-    if sys.stderr.isatty():  # reading the sample draws a bar, then sentencepiece is silent
-        print(f"maxgpt: training a {args.vocab_size}-piece {args.model_type} tokenizer on up "
-              f"to {args.sample_mb:g} MB of {args.data} (a minute or more for 32 MB)",
-              file=sys.stderr, flush=True)
+    # reading the sample draws a bar, then sentencepiece is silent
+    _starting(f"training a {args.vocab_size}-piece {args.model_type} tokenizer on up to "
+              f"{args.sample_mb:g} MB of {args.data} (a minute or more for 32 MB)")
 
     def documents():  # sentencepiece turns an error raised in its input into its own text
         try:
