@@ -177,7 +177,7 @@ def summary(rows: Iterable[dict], phases: Phases, *, run_dir, total_steps: int,
         mfu = (f"mfu {100 * rate / peak:.1f}% of {peak / 1e9:,.0f} GFLOP/s, {peak_source}"
                if peak else "mfu unknown (no peak known for this device)")
         lines.append(f"  {mfu}; {flops_per_step * steady / seconds / 1e9:,.1f} GFLOP/s "
-                     f"achieved over the {steady} steps after the first")
+                     f"achieved over the {steady} step{'s' * (steady != 1)} after the first")
     if run_dir is None:  # a run without a directory (tests, benchmarks) has nothing to try
         return "\n".join(lines)
     lines.append(f"  run directory: {run_dir}")
