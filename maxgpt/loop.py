@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -64,8 +65,16 @@ def compile_step(trainer: Trainer):
 
     thread = threading.Thread(target=work, daemon=True, name="maxgpt-compile")
     thread.start()
-    while thread.is_alive():
-        thread.join(0.2)  # returns to Python often: signal handlers run
+    try:
+        while thread.is_alive():
+            thread.join(0.2)  # returns to Python often: signal handlers run
+    except KeyboardInterrupt:
+        # A second Ctrl-C: XLA cannot be stopped mid-compile, and the interpreter's exit
+        # tears the backend down under it (exit -11, seen in a full test run). Nothing of
+        # the run is written before the compile, so leave without the interpreter's exit.
+        print("maxgpt: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     if "error" in result:
         raise result["error"]
     return result["compiled"], result["seconds"]
