@@ -374,7 +374,7 @@ def test_checkpoints_that_turn_read_only_mid_run_stop_it_within_seconds(tmp_path
             wait_for_step(proc, 7)
             while not (checkpoints / "5").is_dir():  # renamed into place once complete
                 time.sleep(0.1)
-            for _ in range(100):  # refused (busy) while a save has a file open for writing
+            for _ in range(400):  # refused (busy) while a save has a file open for writing
                 if subprocess.run(["mount", "-o", "remount,ro", str(checkpoints)],
                                   capture_output=True).returncode == 0:
                     break
