@@ -36,7 +36,7 @@ from maxgpt import distributed
 from maxgpt.config import ConfigError, EvalConfig
 from maxgpt.run_dir import RunDir
 from maxgpt.scoring import Scorer
-from maxgpt.storage import as_path, one_line, write_atomic
+from maxgpt.storage import as_path, is_remote, one_line, write_atomic
 
 ROW_PREFIX = "eval_task/"
 INSTALL = "pip install -e '.[eval]'"
@@ -61,6 +61,10 @@ def _task_manager(names: list[str], include_path: str):
     except ImportError:
         raise ConfigError(f"lm-eval tasks need lm-evaluation-harness: {INSTALL}") from None
     if include_path:
+        if is_remote(include_path):  # the harness globs and reads its task files locally
+            raise ConfigError(f"eval.include_path={include_path}: lm-eval reads task folders "
+                              "from local disk only; copy the folder to each host (gsutil "
+                              "cp -r) and give its local path")
         if not as_path(include_path).is_dir():
             raise ConfigError(f"eval.include_path={include_path} is not a folder")
         local = TaskManager(include_path=include_path, include_defaults=False)

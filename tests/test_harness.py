@@ -254,3 +254,13 @@ def test_refusals(trained, capsys, monkeypatch):
         assert "pip install -e '.[eval]'" in refused("--tasks", "maxgpt_tiny_mc")
     with pytest.raises(ConfigError, match="synthetic"):
         loop.run(make_config("tiny", "train.steps=1", "eval.tasks=maxgpt_tiny_mc"), echo=False)
+
+
+def test_a_task_folder_in_a_bucket_is_refused_in_one_line(trained, capsys):
+    """lm-eval globs task YAMLs on local disk: a gs:// folder would look empty and every
+    task 'unknown'; it is refused naming the reason instead."""
+    run, _, _ = trained
+    assert cli.main(["eval", "--run-dir", str(run), "--tasks", "maxgpt_tiny_mc",
+                     "eval.include_path=gs://bucket/tasks"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "local disk only" in err[0], err
