@@ -109,10 +109,20 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    stage: int  # pipeline parallelism: the layer stack split into this many stages
     data: int  # -1: whatever the other axes leave of the device count
     fsdp: int
+    context: int  # context parallelism: every sequence split along its length
     expert: int  # expert parallelism: MoE experts split over it, a data axis elsewhere
     tensor: int
+    pipeline_repeats: int  # layer groups per stage, visited in turn (circular); 1: GPipe
+    pipeline_microbatches: int  # pieces of a batch in flight through the stages; 0: mesh.stage
+
+    AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
+
+    def axes(self) -> dict[str, int]:
+        """The mesh axes and their sizes as given (-1: the rest of the devices)."""
+        return {axis: getattr(self, axis) for axis in self.AXES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,15 +470,27 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _validate_moe(cfg)
     _validate_numbers(cfg)
-    mesh = dataclasses.asdict(cfg.mesh)
-    for axis, value in mesh.items():
+    _validate_mesh(cfg)
+
+
+def _validate_mesh(cfg: Config) -> None:
+    """What the mesh keys alone decide; what needs the device count (an axis of -1) is
+    checked once the mesh exists (train.build_trainer)."""
+    m, mesh = cfg.model, cfg.mesh
+    for axis, value in mesh.axes().items():
         if value == 0 or value < -1:
             raise ConfigError(f"mesh.{axis} must be a positive size or -1 (the rest), got {value}")
-    if list(mesh.values()).count(-1) > 1:
+    if list(mesh.axes().values()).count(-1) > 1:
         raise ConfigError("at most one mesh axis may be -1")
-    if m.num_experts and cfg.mesh.expert > 0 and m.num_experts % cfg.mesh.expert:
-        raise ConfigError(f"mesh.expert={cfg.mesh.expert} must divide "
+    if m.num_experts and mesh.expert > 0 and m.num_experts % mesh.expert:
+        raise ConfigError(f"mesh.expert={mesh.expert} must divide "
                           f"model.num_experts={m.num_experts}")
+    if mesh.pipeline_repeats < 1:
+        raise ConfigError(f"mesh.pipeline_repeats must be at least 1, got "
+                          f"{mesh.pipeline_repeats}")
+    if mesh.pipeline_microbatches < 0:
+        raise ConfigError(f"mesh.pipeline_microbatches must be >= 0 (0: mesh.stage), got "
+                          f"{mesh.pipeline_microbatches}")
 
 
 def _validate_numbers(cfg: Config) -> None:

@@ -3,15 +3,24 @@
 Model code names the axes of its parameters and activations logically (`embed`, `heads`, ...).
 This file alone knows the mesh axes:
 
-- `data`:   pure data parallelism; parameters replicated.
-- `fsdp`:   data parallelism with parameters (and optimizer state) sharded along `embed`
-            (ZeRO-3 style; XLA all-gathers weights before use and reduce-scatters gradients).
-- `expert`: expert parallelism (GShard, Lepikhin et al. 2020): each mixture-of-experts
-            layer's experts are split over it and tokens travel to their experts' devices
-            with all-to-all (model/moe.py); everywhere else it is one more data axis.
-- `tensor`: Megatron-style tensor parallelism (Shoeybi et al. 2019): attention heads, MLP
-            hidden units and the vocabulary are split; one all-reduce after attention and
-            one after the MLP.
+- `stage`:   pipeline parallelism (GPipe, Huang et al. 2019; circular schedules as in
+             Narayanan et al. 2021): the stacked layers are split into stages, one per
+             device of the axis, and microbatches flow through them (maxgpt/pipeline.py).
+             With several slices it runs across them first: between stages only one
+             microbatch's activations travel per step of the schedule.
+- `data`:    pure data parallelism; parameters replicated.
+- `fsdp`:    data parallelism with parameters (and optimizer state) sharded along `embed`
+             (ZeRO-3 style; XLA all-gathers weights before use and reduce-scatters gradients).
+- `context`: context parallelism: every sequence is split along its length (`seq`);
+             attention gathers keys and values over the axis (model/attention.py), with the
+             sequence in a load-balanced order (`balanced_order`). Like `fsdp` it also splits
+             parameters and optimizer state along `embed`, so it needs no fsdp axis to fit.
+- `expert`:  expert parallelism (GShard, Lepikhin et al. 2020): each mixture-of-experts
+             layer's experts are split over it and tokens travel to their experts' devices
+             with all-to-all (model/moe.py); everywhere else it is one more data axis.
+- `tensor`:  Megatron-style tensor parallelism (Shoeybi et al. 2019): attention heads, MLP
+             hidden units and the vocabulary are split; one all-reduce after attention and
+             one after the MLP.
 
 A mesh is a config change (`mesh.fsdp=8`), never a code change. All use of Flax variable
 metadata is kept here so that an NNX API rename touches one file.
@@ -29,7 +38,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from maxgpt.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Outermost first: the order in which a slice's devices (and slices) are laid out. Axes that
+# talk per layer (tensor, expert, context, fsdp) are innermost, on the fastest links.
+MESH_AXES = MeshConfig.AXES
 
 # logical axis -> mesh axes, tried in order. A mesh axis is used at most once per array
 # and only where it divides the dimension; otherwise that dimension stays replicated
@@ -40,21 +51,23 @@ RULES: dict[str, tuple[str, ...]] = {
     # (model/transformer.py `lookup`), read by a whole FSDP group from its table shards
     "lookup_batch": ("data", "expert"),
     "experts": ("expert",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "context"),  # parameters; activations' `seq` takes context first
     "vocab": ("tensor",),
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),
-    "seq": (),
-    "layers": (),
+    "seq": ("context",),
+    "layers": ("stage",),  # a stacked parameter's layers: stage s holds its share of them
+    "stages": ("stage",),  # the pipeline's per-stage activations (maxgpt/pipeline.py)
+    "repeats": (),  # a circular pipeline's layer groups per stage (pipeline.to_stored)
     "norm": (),
     "position": (),
 }
 
 
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
+    sizes = cfg.axes()
     known = math.prod(v for v in sizes.values() if v != -1)
     for axis, size in sizes.items():
         if size == -1:
@@ -64,7 +77,7 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
                     f"{known} does not divide {num_devices}")
             sizes[axis] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
-        shape = "x".join(f"{a}={s}" for a, s in sizes.items())
+        shape = "x".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "data=1"
         raise ConfigError(
             f"mesh {shape} has {math.prod(sizes.values())} devices but {num_devices} are "
             f"available; make the product {num_devices} or set one axis to -1")
@@ -73,24 +86,38 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh over `devices` (default: all). Devices of several TPU slices (multi-slice,
-    `slice_index`) get a hybrid mesh: the `data` axis spans the slices, over the data-center
-    network (DCN), and every other axis stays within a slice's ICI."""
+    `slice_index`) get a hybrid mesh: the slices are spread over `stage` first and then
+    `data`, the two axes whose traffic crosses the data-center network (DCN) well (one
+    microbatch of activations between stages; one gradient reduction per step across data
+    replicas), and every other axis stays within a slice's ICI."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:
-        if sizes["data"] % slices:
-            raise ConfigError(f"{slices} slices need mesh.data to be a multiple of {slices} "
-                              f"(data parallelism across slices), got {sizes['data']}")
+        across_stage = math.gcd(sizes["stage"], slices)
+        across_data = slices // across_stage
+        if sizes["data"] % across_data:
+            raise ConfigError(
+                f"{slices} slices need mesh.stage x mesh.data to be a multiple of {slices} "
+                f"(the axes that run across slices), got stage={sizes['stage']} x "
+                f"data={sizes['data']}")
         from jax.experimental import mesh_utils
 
-        within = (sizes["data"] // slices, *shape[1:])
-        grid = mesh_utils.create_hybrid_device_mesh(within, (slices, 1, 1, 1), devices,
-                                                    allow_split_physical_axes=True)
-        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+        across = {"stage": across_stage, "data": across_data}
+        within = tuple(sizes[a] // across.get(a, 1) for a in MESH_AXES)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            within, tuple(across.get(a, 1) for a in MESH_AXES), devices,
+            allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # e.g. stage=2 x fsdp=32 on a 4x4x4 torus: an axis of 2
+        from jax.experimental import mesh_utils  # splits a physical axis of 4
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh) -> PartitionSpec:
@@ -142,14 +169,47 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
-    """NamedShardings for every parameter, as a pure dict shaped like the parameters."""
+def param_names(abstract_state: nnx.State) -> dict:
+    """Every parameter's logical axis names, as a pure dict shaped like the parameters."""
 
-    def one(var: nnx.Variable) -> NamedSharding:
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh))
+    def one(var: nnx.Variable) -> tuple:
+        return tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.shape))
 
     return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=_is_variable))
+
+
+def param_shardings(names: dict, shapes: dict, mesh: Mesh) -> dict:
+    """NamedShardings for parameters of logical `names` (param_names) and `shapes` (arrays
+    or ShapeDtypeStructs), both pure dicts shaped like the parameters."""
+    return jax.tree.map(lambda n, x: NamedSharding(mesh, logical_to_spec(n, x.shape, mesh)),
+                        names, shapes, is_leaf=lambda n: isinstance(n, tuple))
+
+
+def axis_size(name: str, mesh=None) -> int:
+    """Devices a dimension of logical axis `name` is split over at most (the current mesh by
+    default; 1 outside one)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in RULES[name])
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes of logical axis `name`: for collectives over it (all_gather) and for
+    `jax.vmap(spmd_axis_name=...)` over a dimension of that name (maxgpt/pipeline.py)."""
+    return RULES[name]
+
+
+def balanced_order(seq_len: int) -> np.ndarray | None:
+    """The order in which a sequence is laid out over the context axis: None without one;
+    with C devices, token indices cut into 2C chunks of which device i holds chunks i and
+    2C - 1 - i. Under causal attention a query's work grows with its index, so every
+    device then does the same work (Megatron-LM's and MaxText's load balancing); in plain
+    order the last device would do 2C - 1 times the first one's."""
+    shards = axis_size("seq")
+    if shards == 1:
+        return None
+    chunks = np.arange(seq_len).reshape(2 * shards, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]])
+                           for i in range(shards)])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

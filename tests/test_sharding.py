@@ -30,10 +30,13 @@ def test_rules_use_each_mesh_axis_once_and_only_where_it_divides():
 
 
 def test_minus_one_takes_the_rest_and_bad_products_are_errors():
+    ones = dict.fromkeys(("stage", "data", "fsdp", "context", "expert", "tensor"), 1)
     assert dict(mesh_of("mesh.data=-1", "mesh.tensor=2").shape) == {
-        "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+        **ones, "data": 4, "tensor": 2}
     assert dict(mesh_of("mesh.data=2", "mesh.expert=-1").shape) == {
-        "data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+        **ones, "data": 2, "expert": 4}
+    assert dict(mesh_of("mesh.data=1", "mesh.stage=2", "mesh.context=-1").shape) == {
+        **ones, "stage": 2, "context": 4}
     with pytest.raises(ConfigError, match="has 4 devices but 8 are available"):
         mesh_of("mesh.data=2", "mesh.tensor=2")
 
