@@ -25,19 +25,21 @@ AUTO_CHUNK = 1024
 
 
 def chunk_size(requested: int, seq_len: int) -> int:
-    """Positions per piece: `requested` if set, else the automatic choice above."""
+    """Positions per piece on each device (its part of the sequence under context
+    parallelism): `requested` if set, else the automatic choice above."""
     if requested:
         return requested
-    if sharding.platform() == "cpu" or seq_len <= AUTO_CHUNK or seq_len % AUTO_CHUNK:
-        return seq_len
+    local = seq_len // sharding.axis_size("seq")
+    if sharding.platform() == "cpu" or local <= AUTO_CHUNK or local % AUTO_CHUNK:
+        return local
     return AUTO_CHUNK
 
 
 def token_losses(logits_fn, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
                  chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of weights * (log Z - target logit), sum of weights * (log Z)^2) over (B, T),
-    where logits = logits_fn(hidden) (fp32, (..., V)); computed `chunk` positions at a time.
-    """
+    where logits = logits_fn(hidden) (fp32, (..., V)); computed `chunk` positions of each
+    device's part of the sequence at a time."""
     def piece(h, t, w):
         logits = logits_fn(h)
         log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -45,11 +47,16 @@ def token_losses(logits_fn, hidden: jax.Array, targets: jax.Array, weights: jax.
         return ((log_z - target_logit) * w).sum(), (jnp.square(log_z) * w).sum()
 
     B, T = targets.shape
-    if chunk >= T:
+    shards = sharding.axis_size("seq")  # context parallelism: T is split in `shards` parts
+    if chunk * shards >= T:
         return piece(hidden, targets, weights)
 
-    def split(a):  # (B, T, ...) -> (T / chunk, B, chunk, ...): pieces along the sequence
-        return a.reshape(B, T // chunk, chunk, *a.shape[2:]).swapaxes(0, 1)
+    def split(a):  # (B, T, ...) -> (pieces, B, shards * chunk, ...): each piece takes
+        # `chunk` positions from every device's part, so no position changes device
+        a = a.reshape(B, shards, T // (shards * chunk), chunk, *a.shape[2:])
+        a = jnp.moveaxis(a, 2, 0).reshape(T // (shards * chunk), B, shards * chunk,
+                                           *a.shape[4:])
+        return sharding.constrain(a, (None, "batch", "seq", None)[:a.ndim])
 
     recomputed = jax.checkpoint(piece)  # backward: recompute the piece's logits, keep none
 

@@ -20,6 +20,9 @@ One code path for every variant:
     "cudnn")`, bf16/fp16 only, causal and window given to cuDNN, documents as a mask.
     Not run here (no GPU): opt-in only.
   `auto` (the default) is `splash` on TPU (sequence a multiple of 128) and `xla` elsewhere.
+- context parallelism (the `seq` axis split over devices): each device keeps its queries and
+  gathers the keys and values of the whole sequence; the sequence arrives in a
+  load-balanced order (`Mask.order`), so causality is decided by token index, not by place.
   A model with both full and banded layers (GPT-3) scans a traced per-layer window; the
   kernels need it static, so they switch between one kernel per distinct window.
 """
@@ -32,38 +35,49 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import matmul, normal, rope, zeros
-from maxgpt.sharding import constrain, logical_to_spec, param, platform
+from maxgpt.sharding import axis_size, constrain, logical_to_spec, param, platform
 
 
 class Mask(NamedTuple):
     """What a query may see while training: causal, within its packed document (segment
-    ids, (B, T)), and fewer than `window` tokens back (this layer's window; 0: no limit)."""
+    ids, (B, T)), and fewer than `window` tokens back (this layer's window; 0: no limit).
+    `order`: each token's index in the sequence when the sequence is laid out in another
+    order (context parallelism's load balancing, sharding.balanced_order); None: 0..T-1."""
 
     segment_ids: jax.Array
     window: jax.Array | int = 0
+    order: np.ndarray | None = None
 
     def dense(self) -> jax.Array:
         """The (B, T, T) boolean mask."""
-        return window_mask(attention_mask(self.segment_ids), self.window)
+        return window_mask(attention_mask(self.segment_ids, self.order), self.window,
+                           self.order)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
+def _index(seq_len: int, order: np.ndarray | None) -> jax.Array:
+    return jnp.arange(seq_len) if order is None else jnp.asarray(order)
+
+
+def attention_mask(segment_ids: jax.Array, order: np.ndarray | None = None) -> jax.Array:
     """(B, T) segment ids -> (B, T, T) mask: causal and within one packed document."""
-    T = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    index = _index(segment_ids.shape[1], order)
+    causal = index[:, None] >= index[None, :]
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal[None] & same_doc
 
 
-def window_mask(mask: jax.Array, window: jax.Array | int) -> jax.Array:
+def window_mask(mask: jax.Array, window: jax.Array | int,
+                order: np.ndarray | None = None) -> jax.Array:
     """Restrict a (B, T, T) causal mask to keys fewer than `window` tokens back (0: no limit)."""
-    T = mask.shape[-1]
-    distance = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]  # query index - key index
+    index = _index(mask.shape[-1], order)
+    distance = index[:, None] - index[None, :]  # query index - key index
     return mask & ((window <= 0) | (distance < window))[None]
 
 
@@ -74,11 +88,14 @@ def window_mask(mask: jax.Array, window: jax.Array | int) -> jax.Array:
 CPU_QUERY_BLOCK = 128
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(QK^T / sqrt(H)) V over visible keys. q: (B, T, N, H); k, v: (B, T, K, H)."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     blocked: bool = True) -> jax.Array:
+    """softmax(QK^T / sqrt(H)) V over visible keys. q: (B, T, N, H); k, v: (B, T, K, H).
+    `blocked`: the sequence is in natural order (so on CPU blocks of queries may skip the
+    keys after their own)."""
     T = q.shape[1]
     cpu = platform() == "cpu"
-    block = CPU_QUERY_BLOCK if cpu and T % CPU_QUERY_BLOCK == 0 else T
+    block = CPU_QUERY_BLOCK if blocked and cpu and T % CPU_QUERY_BLOCK == 0 else T
     outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
                                          v[:, :start + block],
                                          mask=mask[:, None, start:start + block, :start + block])
@@ -89,69 +106,119 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 SPLASH_BLOCK = 512  # query and key block of the splash kernel (or the largest that divides T)
 
 
-def _splash_kernel(seq_len: int, group: int, window: int, block: int, interpret: bool):
+def _aligned(seq_len: int, shards: int) -> int:
+    """The run of consecutive tokens that a kernel block must fit in: the whole sequence, or
+    under context parallelism one chunk of the load-balanced order (sharding.balanced_order)."""
+    return seq_len // (2 * shards) if shards > 1 else seq_len
+
+
+def _splash_kernel(seq_len: int, group: int, window: int, block: int,
+                   order: np.ndarray | None, shards: int, interpret: bool):
     """The splash kernel for `group` query heads sharing one kv head (MQA form), causal
     and, for window W > 0, fewer than W tokens back. Built in every trace that uses it:
     its block-mask tables become constants of that trace (a kernel kept across traces would
-    carry one trace's values into the next); jax caches the host-side mask processing."""
+    carry one trace's values into the next); jax caches the host-side mask processing.
+
+    Under context parallelism (`shards` > 1) the queries arrive in the load-balanced
+    `order` and the keys in natural order: the mask's query indices (`q_sequence`, which
+    the kernel reads to compute causality) are that order, and the kernel's block tables
+    are split over the shards with the queries (`manual_sharding_spec`)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     shape = (seq_len, seq_len)
     mask = sa.CausalMask(shape) if window <= 0 else sa.LocalMask(shape, (window - 1, 0), 0)
-    b = math.gcd(block, seq_len)  # a multiple of 128: the sequence is (model.attention)
+    if order is not None:
+        mask.q_sequence = np.asarray(order, np.int32)
+    b = math.gcd(block, _aligned(seq_len, shards))  # a multiple of 128 (model.attention)
     blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     return sa.make_splash_mqa(sa.MultiHeadMask([mask] * group), block_sizes=blocks,
-                              head_shards=1, q_seq_shards=1, interpret=interpret)
+                              head_shards=1, q_seq_shards=shards, interpret=interpret)
 
 
-def _per_window(mask: Mask, windows: tuple[int, ...], fn):
-    """fn(window) for this layer's window, which may be traced (a scanned layer stack with
-    several distinct windows): then a switch over one branch per static window."""
+def _window_index(mask: Mask, windows: tuple[int, ...]) -> jax.Array:
+    """Where this layer's window, which may be traced (a scanned layer stack with several
+    distinct windows), stands among the static `windows`."""
+    return jnp.searchsorted(jnp.asarray(windows), mask.window)
+
+
+def _per_window(index: jax.Array, windows: tuple[int, ...], fn):
+    """fn(window) for the window at `index` (_window_index): a switch over one branch per
+    static window."""
     if len(windows) == 1:
         return fn(windows[0])
-    index = jnp.searchsorted(jnp.asarray(windows), mask.window)
     return jax.lax.switch(index, [functools.partial(fn, w) for w in windows])
 
 
+WHOLE_KEYS = ("batch", None, "kv_heads", "head_dim")  # keys, values: whole sequence
+
+
+def _whole_keys(k, v, mask: Mask):
+    """Keys, values and their segment ids whole along the sequence on every device of the
+    context axis (one all-gather each) and in natural order, for context parallelism."""
+    segments = mask.segment_ids
+    if mask.order is not None:
+        inverse = np.argsort(mask.order)
+        k, v, segments = (jnp.take(a, inverse, axis=1) for a in (k, v, segments))
+    return constrain(k, WHOLE_KEYS), constrain(v, WHOLE_KEYS), constrain(segments,
+                                                                         ("batch", None))
+
+
 def splash_attention(q, k, v, mask: Mask, windows: tuple[int, ...]) -> jax.Array:
-    """softmax(QK^T / sqrt(H)) V with the splash kernel. q: (B, T, N, H); k, v: (B, T, K, H)."""
-    T, H = q.shape[1], q.shape[3]
-    interpret = platform() == "cpu"
+    """softmax(QK^T / sqrt(H)) V with the splash kernel. q: (B, T, N, H); k, v: (B, T, K, H).
+    Run per device under `shard_map`: rows over the data axes, heads over `tensor`, and under
+    context parallelism queries over `context` against whole keys and values."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    def local(q, k, v, segment_ids):  # one device's rows and heads
-        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+    T, N, K, H = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    shards = axis_size("seq")
+    kernels = {w: _splash_kernel(T, N // K, w, SPLASH_BLOCK, mask.order, shards,
+                                 interpret=platform() == "cpu") for w in windows}
+    q_segments = kv_segments = mask.segment_ids
+    if shards > 1:
+        k, v, kv_segments = _whole_keys(k, v, mask)
 
-        n, kh = q.shape[2], k.shape[2]
-        qg = (q * H**-0.5).transpose(0, 2, 1, 3).reshape(q.shape[0], kh, n // kh, T, H)
+    def local(kernels, which, q, k, v, q_segments, kv_segments):  # a device's rows, heads
+        b, t, n, kh = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        qg = (q * H**-0.5).transpose(0, 2, 1, 3).reshape(b, kh, n // kh, t, H)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kh, T, H)
 
         def run(window):
-            kernel = _splash_kernel(T, n // kh, window, SPLASH_BLOCK, interpret)
-            per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # kv heads
-            return jax.vmap(per_head)(qg, kt, vt, SegmentIds(segment_ids, segment_ids))
+            per_head = jax.vmap(kernels[window], in_axes=(0, 0, 0, None))  # kv heads
+            return jax.vmap(per_head)(qg, kt, vt, SegmentIds(q_segments, kv_segments))
 
-        out = _per_window(mask, windows, run)  # (b, kh, n/kh, T, H)
-        return out.reshape(q.shape[0], n, T, H).transpose(0, 2, 1, 3)
+        out = _per_window(which, windows, run)  # (b, kh, n/kh, t, H)
+        return out.reshape(b, n, t, H).transpose(0, 2, 1, 3)
 
+    which = _window_index(mask, windows)  # an argument: the body sees no outer values
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return local(q, k, v, mask.segment_ids)
-    q_spec = logical_to_spec(("batch", None, "heads", None), q.shape, mesh)
+        return local(kernels, which, q, k, v, q_segments, kv_segments)
+    q_spec = logical_to_spec(("batch", "seq", "heads", None), q.shape, mesh)
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k.shape, mesh)
     if q_spec[2] != kv_spec[2]:  # kv heads not split like the query heads: keep them whole
-        q_spec = P(q_spec[0], None, None, None)
+        q_spec = P(q_spec[0], q_spec[1], None, None)
         kv_spec = P(kv_spec[0], None, None, None)
-    seg_spec = P(q_spec[0], None)
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
-                         out_specs=q_spec, check_vma=False)(q, k, v, mask.segment_ids)
+    # (heads, query blocks); on a mesh of plain axes: inside a pipeline stage's shard_map
+    # the stage axis is manual, which the kernel's own shape check cannot handle
+    by_query = NamedSharding(AbstractMesh(mesh.axis_sizes, mesh.axis_names),
+                             P(None, q_spec[1]))
+    kernel_specs = {w: kernel.manual_sharding_spec(by_query) for w, kernel in kernels.items()}
+    return jax.shard_map(
+        local, in_specs=(kernel_specs, P(), q_spec, kv_spec, kv_spec, P(q_spec[0], q_spec[1]),
+                         P(kv_spec[0], None)),
+        out_specs=q_spec, check_vma=False)(kernels, which, q, k, v, q_segments, kv_segments)
 
 
 def cudnn_attention(q, k, v, mask: Mask, windows: tuple[int, ...],
                     implementation: str = "cudnn") -> jax.Array:
     """cuDNN flash attention (GPU, bf16/fp16): causal and window handled by cuDNN, packed
     documents as a (B, 1, T, T) mask. (`implementation="xla"` runs the same call anywhere:
-    how the tests check this wiring without a GPU.)"""
+    how the tests check this wiring without a GPU.) A sequence in load-balanced order
+    (context parallelism) is not causal by index: then the whole mask is given."""
+    if mask.order is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None],
+                                            implementation=implementation)
     same_doc = mask.segment_ids[:, :, None] == mask.segment_ids[:, None, :]
 
     def run(window):
@@ -159,14 +226,15 @@ def cudnn_attention(q, k, v, mask: Mask, windows: tuple[int, ...],
             q, k, v, mask=same_doc[:, None], is_causal=True, implementation=implementation,
             local_window_size=None if window <= 0 else (window - 1, 0))
 
-    return _per_window(mask, windows, run)
+    return _per_window(_window_index(mask, windows), windows, run)
 
 
 def attention_kernel(requested: str, seq_len: int) -> str:
     """The kernel `model.attention` means for this platform and sequence length."""
     if requested != "auto":
         return requested
-    return "splash" if platform() == "tpu" and seq_len % 128 == 0 else "xla"
+    tiles = _aligned(seq_len, axis_size("seq")) % 128 == 0
+    return "splash" if platform() == "tpu" and tiles else "xla"
 
 
 class Attention(nnx.Module):
@@ -217,7 +285,9 @@ class Attention(nnx.Module):
             elif kernel == "cudnn":
                 out = cudnn_attention(q, k, v, mask, self.windows)
             else:
-                out = causal_attention(q, k, v, mask.dense())
+                if axis_size("seq") > 1:  # context parallelism: local queries, all keys
+                    k, v = constrain(k, WHOLE_KEYS), constrain(v, WHOLE_KEYS)
+                out = causal_attention(q, k, v, mask.dense(), blocked=mask.order is None)
         else:
             k, v = (constrain(jax.lax.dynamic_update_slice_in_dim(
                         cache[name], new.astype(cache[name].dtype), cache["start"], axis=1),

@@ -16,7 +16,9 @@ Dispatch, `model.moe_dispatch`:
 - `capacity`: each expert takes at most C = ceil(capacity_factor * T * k / E) assignments of
   each sequence (row), first choices before second choices and earlier tokens before later
   ones; the rest are dropped (the token keeps its residual and shared experts) and counted.
-  Capacity is per row, so what is dropped depends neither on the mesh nor on microbatching.
+  Capacity is per row, so what is dropped depends neither on the mesh nor on microbatching
+  (except under context parallelism, where each device dispatches its part of every row
+  and the capacity applies to that part).
 
 Padding tokens (segment 0) are routed to no expert and left out of every statistic.
 
@@ -43,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import MLP, matmul, normal
-from maxgpt.sharding import logical_to_spec, param, platform
+from maxgpt.sharding import axis_size, logical_to_spec, param, platform
 
 # logical axes of the expert weights (E, D, F) and (E, F, D)
 UP_AXES = ("experts", "embed", "mlp")
@@ -91,7 +93,7 @@ def _activate(h: jax.Array, gate: jax.Array | None) -> jax.Array:
 def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, ep_axis,
                        tp_axis):
     """Rows of tokens x (B, T, D) through their experts with per-row capacity.
-    Returns (y (B, T, D) fp32, dropped assignments per row (B,))."""
+    Returns (y (B, T, D) fp32, dropped assignments per row (B, 1))."""
     B, T, D = x.shape
     k, E, C = experts.shape[-1], num_experts, capacity
     rows = jnp.arange(B)[:, None]
@@ -117,7 +119,7 @@ def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, 
     got = out[rows, jnp.minimum(e_idx, E - 1), p_idx]  # (B, k*T, D)
     scale = weights.swapaxes(1, 2).reshape(B, k * T) * keep
     y = (got.astype(jnp.float32) * scale[..., None]).reshape(B, k, T, D).sum(1)
-    return y, ((pos >= 0) & ~keep).sum(-1)
+    return y, ((pos >= 0) & ~keep).sum(-1, keepdims=True)
 
 
 # XLA:CPU runs `jax.lax.ragged_dot` as E dense matmuls over all rows (measured 8x a dense
@@ -158,7 +160,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array,
 
 def _dropless_dispatch(x, experts, weights, valid, w, *, num_experts, ep, ep_axis, tp_axis):
     """Tokens x (B, T, D) through all their experts: sorted by expert, grouped matmuls.
-    Returns (y (B, T, D) fp32, zeros (B,): nothing is dropped)."""
+    Returns (y (B, T, D) fp32, zeros (B, 1): nothing is dropped)."""
     B, T, D = x.shape
     k, E = experts.shape[-1], num_experts
     local = E // ep
@@ -192,7 +194,7 @@ def _dropless_dispatch(x, experts, weights, valid, w, *, num_experts, ep, ep_axi
     got = out[jnp.minimum(dest, ep - 1), jnp.where(sent, pos, 0)]  # (N, D)
     scale = weights.reshape(N) * sent
     y = (got.astype(jnp.float32) * scale[:, None]).reshape(B, T, k, D).sum(2)
-    return y, jnp.zeros((B,), jnp.int32)
+    return y, jnp.zeros((B, 1), jnp.int32)
 
 
 class MoE(nnx.Module):
@@ -235,20 +237,24 @@ class MoE(nnx.Module):
                    logical_to_spec(("experts", None, "mlp"), w["up"].shape, mesh))
         ep_axis, tp_axis = up_spec[0] if up_spec else None, up_spec[2] if up_spec else None
         ep = 1 if ep_axis is None else mesh.shape[ep_axis]
+        # each device dispatches the tokens it holds: under context parallelism a part
+        # of every row, and capacity applies to that part
+        local_len = x.shape[1] // (1 if mesh.empty else axis_size("seq"))
         if cfg.moe_dispatch == "capacity":
             fn = functools.partial(_capacity_dispatch, num_experts=cfg.num_experts,
-                                   capacity=capacity(cfg, x.shape[1]), ep_axis=ep_axis,
+                                   capacity=capacity(cfg, local_len), ep_axis=ep_axis,
                                    tp_axis=tp_axis)
         else:
             fn = functools.partial(_dropless_dispatch, num_experts=cfg.num_experts, ep=ep,
                                    ep_axis=ep_axis, tp_axis=tp_axis)
         if mesh.empty:
             return fn(x, experts, weights, valid, w)
-        # Each device works on the rows it holds (rows replicated over some axis are simply
+        # Each device works on the tokens it holds (rows replicated over some axis are simply
         # computed on each of its devices); weights arrive split over experts and hidden units.
-        row = P(logical_to_spec(("batch",), x.shape[:1], mesh)[0])
+        tokens = P(*logical_to_spec(("batch", "seq"), x.shape[:2], mesh))
         down_spec = P(up_spec[0], up_spec[2], None)
         w_specs = {"up": up_spec, "down": down_spec,
                    "gate": None if w["gate"] is None else up_spec}
-        return jax.shard_map(fn, in_specs=(row, row, row, row, w_specs), out_specs=(row, row),
+        return jax.shard_map(fn, in_specs=(tokens, tokens, tokens, tokens, w_specs),
+                             out_specs=(tokens, tokens),
                              check_vma=False)(x, experts, weights, valid, w)

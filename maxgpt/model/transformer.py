@@ -23,12 +23,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from maxgpt.config import ModelConfig
 from maxgpt.model.attention import Attention, Mask
 from maxgpt.model.layers import MLP, Norm, dropout, matmul, normal
 from maxgpt.model.moe import MoE
 from maxgpt.sharding import constrain, param, platform
+
+# Each layer group's input is named, so that a remat policy applied around several groups at
+# once (a pipeline stage, maxgpt/pipeline.py) can keep them as a per-group policy would.
+LAYER_INPUT = "layer_input"
 
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
@@ -53,7 +58,12 @@ def lookup(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
     """
     table = constrain(table, (row_axis, "embed"))
     ids = constrain(ids, ("lookup_batch", None))
-    return constrain(jnp.take(table, ids, axis=0), ("lookup_batch", None, "embed"))
+    rows = constrain(jnp.take(table, ids, axis=0), ("lookup_batch", None, "embed"))
+    # Towards the activations' layout one mesh axis at a time, each move an all-to-all that
+    # XLA knows: fsdp from the width to the batch here, then (under context parallelism)
+    # context from the width to the sequence in the caller's constraint. In one move XLA
+    # replicates the rows first ("involuntary full rematerialization").
+    return constrain(rows, ("batch", None, "embed"))
 
 
 @jax.custom_vjp
@@ -174,18 +184,20 @@ class Transformer(nnx.Module):
         x, stats = self.hidden(tokens, positions, segment_ids, dropout_key)
         return self.logits(x), stats
 
-    def hidden(self, tokens, positions=None, segment_ids=None, dropout_key=None):
+    def hidden(self, tokens, positions=None, segment_ids=None, dropout_key=None, order=None):
         """The last block's output (B, T, D), before the final norm, and the MoE statistics:
         `logits(hidden)` is `forward`, and a loss can apply `logits` a piece at a time
-        (maxgpt/loss.py) so that the (B, T, V) logits never exist whole."""
+        (maxgpt/loss.py) so that the (B, T, V) logits never exist whole. `order`: the
+        tokens' indices when the sequence is laid out in another order (attention.Mask)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         k_embed, k_layers = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x = self._embed(tokens, positions, k_embed)
-        return self._run_blocks(x, segment_ids, positions, k_layers)
+        x = self.embed_tokens(tokens, positions, k_embed)
+        keys = None if k_layers is None else jax.random.split(k_layers, len(self.windows))
+        return self.run_layers(x, segment_ids, positions, order, keys)
 
     def decode(self, tokens, positions, cache):
         """The forward pass with a kv cache (generation): tokens, positions (B, T), written at
@@ -198,7 +210,7 @@ class Transformer(nnx.Module):
                                                             cache["start"], axis=1)  # (B, S)
         distance = positions[:, :, None] - key_positions[:, None, :]  # (B, T, S)
         visible = (key_positions[:, None, :] >= 0) & (distance >= 0)
-        x = self._embed(tokens, jnp.maximum(positions, 0), None)
+        x = self.embed_tokens(tokens, jnp.maximum(positions, 0))
 
         def layer(block, x, per_layer):
             window, k, v = per_layer
@@ -214,7 +226,8 @@ class Transformer(nnx.Module):
         return self.logits(x), {"k": k, "v": v, "positions": key_positions,
                                  "start": cache["start"] + T}
 
-    def _embed(self, tokens, positions, dropout_key):
+    def embed_tokens(self, tokens, positions, dropout_key=None):
+        """Token (and learned position) embeddings of tokens, positions (B, T) -> (B, T, D)."""
         x = lookup(self.embed[...], tokens, "vocab").astype(self.dtype)  # (B, T, D)
         if self.pos_embed is not None:
             x = x + lookup(self.pos_embed[...], positions, "position").astype(self.dtype)
@@ -239,46 +252,61 @@ class Transformer(nnx.Module):
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -1e9)
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def _run_blocks(self, x, segment_ids, positions, dropout_key):
-        keys = None if dropout_key is None else jax.random.split(dropout_key, len(self.windows))
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        """The names of the stacked layer parameters (`blocks`, then `moe_blocks` if the
+        stack alternates dense and MoE layers), in the order `run_layers` takes them."""
+        return ("blocks",) if self.moe_blocks is None else ("blocks", "moe_blocks")
+
+    def run_layers(self, x, segment_ids, positions, order=None, keys=None, windows=None,
+                   stacks=None, remat=None):
+        """Layers applied to x (B, T, D): all of them, or the consecutive run whose windows
+        (L',) and parameters `stacks` (one pure dict per `self.stacks` name, each (L'_s, ...)
+        of whole groups) are given, as a pipeline stage does (maxgpt/pipeline.py).
+        keys: (L',) dropout keys or None. Returns x and the MoE layers' statistics
+        averaged over those layers ({} for dense layers)."""
+        windows = jnp.asarray(self.windows if windows is None else windows, jnp.int32)
 
         def layer(block, x, per_layer):
             window, key = per_layer
-            x, stats, _ = block(x, Mask(segment_ids, window), positions, key,
+            x, stats, _ = block(x, Mask(segment_ids, window, order), positions, key,
                                 valid=segment_ids > 0)
             return x, stats
 
-        x, outputs = self._scan_layers(layer, x, (jnp.asarray(self.windows, jnp.int32), keys),
-                                       remat=self.remat)
+        x, outputs = self._scan_layers(layer, x, (windows, keys),
+                                       self.remat if remat is None else remat, stacks)
         moe = [stats for stats in outputs if stats]  # the MoE positions of a group
         return x, jax.tree.map(lambda *v: jnp.concatenate(v).mean(), *moe) if moe else {}
 
-    def _scan_layers(self, layer, x, per_layer, remat="none"):
-        """Apply every layer in order, one `jax.lax.scan` step per group of `self.group`.
+    def _scan_layers(self, layer, x, per_layer, remat="none", stacks=None):
+        """Apply layers in order, one `jax.lax.scan` step per group of `self.group`.
 
-        `layer(block, x, inputs) -> (x, outputs)`; `per_layer`: a pytree of (L, ...) inputs.
-        Returns x and, for each position i in a group, the outputs of layers i, n + i, ...
-        stacked: a list of n pytrees of (L / n, ...) arrays.
+        `layer(block, x, inputs) -> (x, outputs)`; `per_layer`: a pytree of (L, ...) inputs
+        (its first leaf says how many layers); `stacks`: their parameters (run_layers),
+        default all of the model's. Returns x and, for each position i in a group, the
+        outputs of layers i, n + i, ... stacked: a list of n pytrees of (L / n, ...) arrays.
         """
-        L, n = len(self.windows), self.group
+        L, n = jax.tree.leaves(per_layer)[0].shape[0], self.group
         G = L // n
-        stacks = [nnx.split(self.blocks)]
+        modules = [self.blocks] if self.moe_blocks is None else [self.blocks, self.moe_blocks]
+        splits = [nnx.split(m) for m in modules]
+        stacks = [state for _, state in splits] if stacks is None else stacks
         plan = [(0, j) for j in range(n if self.moe_blocks is None else n - 1)]
         if self.moe_blocks is not None:
-            stacks.append(nnx.split(self.moe_blocks))
             plan.append((1, 0))
 
         def grouped(tree, m):  # (G * m, ...) -> (G, m, ...)
             return jax.tree.map(lambda a: a.reshape(G, m, *a.shape[1:]), tree)
 
         states = [grouped(state, sum(1 for p in plan if p[0] == s))
-                  for s, (_, state) in enumerate(stacks)]
+                  for s, state in enumerate(stacks)]
 
         def group(x, xs):
             group_states, inputs = xs
+            x = checkpoint_name(x, LAYER_INPUT)
             outputs = []
             for i, (s, j) in enumerate(plan):
-                block = nnx.merge(stacks[s][0], jax.tree.map(lambda a: a[j], group_states[s]))
+                block = nnx.merge(splits[s][0], jax.tree.map(lambda a: a[j], group_states[s]))
                 x, out = layer(block, x, jax.tree.map(lambda a: a[i], inputs))
                 outputs.append(out)
             return x, outputs
