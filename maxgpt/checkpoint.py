@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maxgpt import sharding
+from maxgpt import layouts, sharding
 
 from maxgpt.config import CheckpointConfig, Config, ConfigError
 from maxgpt.run_dir import RunDir
@@ -97,24 +97,6 @@ class _DataSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class _DataRestore(ocp.args.CheckpointArgs):
     item: _IteratorState
-
-
-def _path(key_path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
-
-
-def check_architecture(saved_params: Any, abstract_params: Any, where: str) -> None:
-    """Raise naming the first parameter whose name or shape differs."""
-    saved = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
-        saved_params)}
-    wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
-        abstract_params)}
-    for name in sorted(saved.keys() | wanted.keys()):
-        if saved.get(name) != wanted.get(name):
-            have = saved.get(name, "absent")
-            want = wanted.get(name, "absent")
-            raise ConfigError(f"{where} holds a different architecture: parameter {name} is "
-                              f"{have} there but {want} in this config")
 
 
 class _StorageNoise(logging.Filter):
@@ -232,10 +214,6 @@ class Checkpointer:
             f"{self.directory / str(max(good)) if good else 'none'}; fix the storage (space, "
             "permissions), then run the same command again to continue from it")
 
-    def saved_params(self, step: int) -> Any:
-        """The parameter shapes of `step`, from its metadata (no arrays read)."""
-        return self.manager.item_metadata(step)["state"]["params"]
-
     def restore(self, step: int, abstract_state: Any, shardings: Any,
                 data: bool = True) -> tuple[Any, dict | None]:
         """The train state of `step`, placed in `shardings`, and (if `data`) the saved data
@@ -243,15 +221,15 @@ class Checkpointer:
         if step not in self.manager.all_steps():
             raise ConfigError(f"no checkpoint of step {step} in {self.directory}; it has "
                               f"{self.steps() or 'none'}")
-        check_architecture(self.saved_params(step), abstract_state["params"],
+        saved = self.manager.item_metadata(step)["state"]
+        layouts.check_architecture(saved["params"], abstract_state["params"],
                            f"checkpoint {self.directory / str(step)}")
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              abstract_state, shardings)
+        target, finish = layouts.restore_targets(saved, abstract_state, shardings)
         items = {"state": ocp.args.StandardRestore(target)}
         if data:
             items["data"] = _DataRestore(_IteratorState())
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored["data"].state if data else None
+        return finish(restored["state"]), restored["data"].state if data else None
 
     def restore_newest(self, abstract_state: Any, shardings: Any
                        ) -> tuple[int, Any, dict] | None:
@@ -355,14 +333,13 @@ def load_params(path: PathLike, abstract_params: Any, shardings: Any) -> tuple[A
         if step is None or step not in manager.all_steps():
             raise ConfigError(f"checkpoint.load_params_from={path}: no such checkpoint")
         where = str(directory / str(step))
-        check_architecture(manager.item_metadata(step)["state"]["params"], abstract_params,
-                           f"checkpoint {where}")
-        target = {"params": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_params, shardings)}
+        saved = manager.item_metadata(step)["state"]["params"]
+        layouts.check_architecture(saved, abstract_params, f"checkpoint {where}")
+        params, finish = layouts.restore_targets(saved, abstract_params, shardings)
+        target = {"params": params}
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)))
     finally:
         manager.close()
-    return restored["state"]["params"], where
+    return finish(restored["state"]["params"]), where

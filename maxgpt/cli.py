@@ -120,8 +120,8 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"{run_dir} trained on synthetic data: there is no tokenizer")
     prompts = [[BOS_ID, *corpus.tokenizer.encode(p)] for p in args.prompt]
     with jax.set_mesh(trainer.mesh):
-        completions = generate(trainer.graphdef, params, trainer.cfg.model, prompts,
-                               **sampling)
+        completions = generate(trainer.graphdef, trainer.natural_params(params),
+                               trainer.cfg.model, prompts, **sampling)
     for prompt, ids in zip(args.prompt, completions):
         print(prompt + corpus.tokenizer.decode(ids))
     return 0
@@ -141,7 +141,8 @@ def cmd_export(args) -> int:
     _starting(f"reading the {'newest' if args.step is None else f'step {args.step}'} "
               f"checkpoint of {run_dir}")
     trainer, params, corpus, step = load_for_inference(run_dir, args.step)
-    params = jax.device_get(params)
+    with jax.set_mesh(trainer.mesh):
+        params = jax.device_get(trainer.natural_params(params))
     checked = []
     _starting(f"writing {args.out}" + (" and verifying it with transformers (in a process "
                                        "without sentencepiece)" if args.verify else ""))
@@ -313,7 +314,7 @@ def cmd_plan(args) -> int:
           f"train.steps={steps}")
     if "mesh" in result:
         print(f"on {args.chips} (one 4096-token sequence per chip, bf16, full remat): "
-              + ("no fsdp x tensor mesh fits" if result["mesh"] is None else
+              + ("no fsdp x tensor x stage mesh fits" if result["mesh"] is None else
                  "fits with " + " ".join(f"mesh.{k}={v}" for k, v in result["mesh"].items())
                  + f" mesh.data=1, {result['bytes_per_device'] / 2**30:.1f} GiB per chip"))
     print("expected losses are nats per token on Chinchilla's data (docs/scaling.md)")
@@ -332,6 +333,8 @@ def cmd_compile(args) -> int:
         gib = 2**30
         print(f"{cfg.model.name} on {report.topology} ({report.devices} devices, mesh "
               f"{report.mesh}): compiled in {report.compile_s:.1f} s")
+        if report.pipeline:
+            print(f"  {report.pipeline}")
         print(f"  per device: arguments {report.argument_bytes / gib:.2f} GiB, outputs not "
               f"aliased {(report.output_bytes - report.alias_bytes) / gib:.2f} GiB, "
               f"temporaries {report.temp_bytes / gib:.2f} GiB, code "

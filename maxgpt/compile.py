@@ -9,8 +9,9 @@ temporaries), compared with the chip's HBM from `maxgpt/chips.py`. When the TPU 
 itself refuses the program for want of HBM, the report carries its temporaries and our count
 of the per-device arguments, and does not fit.
 
-With several slices the devices of all slices form one mesh whose `data` axis is expected to
-span the slices (data parallelism over DCN, the other axes within a slice's ICI).
+With several slices the devices of all slices form one mesh whose `stage` and `data` axes
+span the slices (pipeline stages and data parallelism over DCN, the other axes within a
+slice's ICI; sharding.make_mesh).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class CompileReport:
     hbm_bytes: int
     flops_per_step: float  # maxgpt.flops (XLA's own count sees a scanned layer only once)
     compile_s: float
+    pipeline: str  # the pipeline schedule and its bubble (mesh.stage > 1), else ""
 
     @property
     def bytes_per_device(self) -> int:
@@ -104,7 +106,8 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
         CompileReport, topology=f"{slice_name}" + (f" x {num_slices} slices"
                                                    if num_slices > 1 else ""),
         devices=len(devices), mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes,
-        flops_per_step=flops_per_token(cfg.model, cfg.train.seq_len) * tokens)
+        flops_per_step=flops_per_token(cfg.model, cfg.train.seq_len) * tokens,
+        pipeline="" if trainer.schedule is None else trainer.schedule.describe())
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         try:
@@ -130,23 +133,28 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
 
 def find_mesh(model: dict, slice_name: str, seq_len: int = 4096,
               echo=lambda text: None) -> tuple[dict | None, CompileReport | None]:
-    """The first mesh, of fully sharded data parallelism and then fsdp x tensor 2, 4, 8,
-    for which the train step of `model` (model.* keys; bf16 compute, full remat, one
-    sequence of `seq_len` per chip) compiles within HBM on `slice_name`. (None, None) if
-    none does."""
+    """The first mesh for which the train step of `model` (model.* keys; bf16 compute, full
+    remat, one sequence of `seq_len` per chip) compiles within HBM on `slice_name`: fully
+    sharded data parallelism, then fsdp x tensor 2, 4, 8, then the same split into 2 or 4
+    pipeline stages (when the layers divide). (None, None) if none does."""
     _, chips = parse_slice(slice_name)
     base = [f"model.{k}={v}" for k, v in model.items()] + [
         f"model.max_seq_len={seq_len}", f"train.seq_len={seq_len}",
         f"train.batch_size={chips}", "model.dtype=bfloat16", "model.remat=full",
         "model.tie_embeddings=false", "mesh.data=1"]
-    for tensor in (1, 2, 4, 8):
-        if chips % tensor or model["num_heads"] % tensor:
+    for stage in (1, 2, 4):
+        if chips % stage or model["num_layers"] % stage:
             continue
-        mesh = {"fsdp": chips // tensor, "tensor": tensor}
-        cfg = load_config(None, [*base, f"mesh.fsdp={mesh['fsdp']}", f"mesh.tensor={tensor}"])
-        report = compile_for(cfg, slice_name)
-        echo(f"  mesh fsdp={mesh['fsdp']} tensor={tensor}: "
-             f"{report.bytes_per_device / 2**30:.1f} of {report.hbm_bytes / 2**30:.0f} GiB")
-        if report.fits:
-            return mesh, report
+        for tensor in (1, 2, 4, 8):
+            if (chips // stage) % tensor or model["num_heads"] % tensor:
+                continue
+            mesh = {"fsdp": chips // (stage * tensor), "tensor": tensor}
+            if stage > 1:
+                mesh = {"stage": stage, **mesh}
+            keys = [f"mesh.{axis}={size}" for axis, size in mesh.items()]
+            report = compile_for(load_config(None, [*base, *keys]), slice_name)
+            echo(f"  mesh {' '.join(f'{a}={n}' for a, n in mesh.items())}: "
+                 f"{report.bytes_per_device / 2**30:.1f} of {report.hbm_bytes / 2**30:.0f} GiB")
+            if report.fits:
+                return mesh, report
     return None, None

@@ -468,7 +468,7 @@ def import_folder(hf_dir: PathLike, run_dir: PathLike, overrides=()) -> RunDir:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from maxgpt.checkpoint import check_architecture
+    from maxgpt.layouts import check_architecture
     from maxgpt.config import load_config
     from maxgpt.train import abstract_model
 

@@ -248,6 +248,8 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         console.note(f"maxgpt: {cfg.model.name}, {n_params:,} parameters, mesh "
                      f"{dict(trainer.mesh.shape)}, data {describe(corpus)}; mfu against "
                      f"{peak.source}; compiling the train step")
+        if trainer.schedule is not None:
+            console.note(f"maxgpt: {trainer.schedule.describe()}")
         # Compiled from shapes alone, before anything large exists or a file is opened: a
         # step that cannot fit is refused before the state is allocated or the data flows.
         with phases("compile"):
@@ -346,8 +348,8 @@ def run(cfg: Config, run_dir: PathLike | RunDir | None = None, devices=None,
         console.close()
         if corpus is not None and echo and not stopped:
             with phases("sample"):
-                print_sample(trainer.graphdef, state["params"], cfg.model, corpus.tokenizer,
-                             cfg.train.seed)
+                print_sample(trainer.graphdef, trainer.natural_params(state["params"]),
+                             cfg.model, corpus.tokenizer, cfg.train.seed)
         closing = stack.pop_all()
     with phases("final save and close"):
         closing.close()

@@ -104,8 +104,10 @@ class Scorer:
     """The model of a run, its parameters and its mesh, scoring batches of requests."""
 
     def __init__(self, trainer, params, batch_size: int, seed: int = 0):
+        """`params`: the train state's (trainer.natural_params puts them in depth order)."""
         cfg = trainer.cfg
-        self.trainer, self.params, self.model_cfg = trainer, params, cfg.model
+        self.trainer, self.model_cfg = trainer, cfg.model
+        self.params = trainer.natural_params(params)
         self.seq_len = cfg.train.seq_len
         shards = sharding.data_shards(trainer.mesh)
         self.rows = -(-batch_size // shards) * shards  # a multiple of the data shards
@@ -116,7 +118,7 @@ class Scorer:
         self._score = jax.jit(
             functools.partial(_score_step, graphdef=trainer.graphdef,
                               loss_chunk=cfg.train.loss_chunk),
-            in_shardings=(trainer.state_shardings["params"], trainer.batch_sharding),
+            in_shardings=(trainer.param_shardings, trainer.batch_sharding),
             out_shardings=sharding.replicated(trainer.mesh))
 
     def _bucket(self, n: int, cap: int | None = None) -> int:

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from maxgpt import sharding
+from maxgpt import pipeline, sharding
 from maxgpt.config import Config, ConfigError
 from maxgpt.data.pipeline import BATCH_KEYS
 from maxgpt.loss import chunk_size, token_losses
@@ -36,8 +36,11 @@ class Trainer:
     cfg: Config
     mesh: Mesh
     graphdef: nnx.GraphDef  # the model's structure; parameters travel as pure dicts
+    param_names: dict  # each parameter's logical axis names (sharding.param_names)
+    schedule: pipeline.Schedule | None  # the pipeline's, with a stage axis
     optimizer: optax.GradientTransformation
-    state_shardings: dict
+    state_shardings: dict  # of the train state, its parameters as stored (pipeline.py)
+    param_shardings: dict  # of the parameters in depth order (`natural_params`)
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Callable  # jitted (state, batch) -> (state, metrics)
     eval_fn: Callable  # jitted (params, batch + target_bytes) -> summed (nll, tokens, bytes)
@@ -56,6 +59,21 @@ class Trainer:
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows (its `batch_rows`, ascending) -> the sharded global batch."""
         return sharding.global_batch(local, self.batch_sharding, self.cfg.train.batch_size)
+
+    @property
+    def repeats(self) -> int:
+        return 1 if self.schedule is None else self.schedule.repeats
+
+    def natural_params(self, params: dict) -> dict:
+        """The train state's parameters as the model holds them (stacked layers in depth
+        order, (L, ...)), for everything outside the train and eval steps: generation,
+        lm-eval scoring, export. The same arrays unless a circular pipeline stores them
+        as (repeats, L / repeats, ...) (maxgpt/pipeline.py)."""
+        if self.repeats == 1:
+            return params
+        return jax.jit(functools.partial(pipeline.to_natural, names=self.param_names,
+                                         repeats=self.repeats),
+                       out_shardings=self.param_shardings)(params)
 
 
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -84,17 +102,30 @@ def active_params(cfg: Config) -> int:
 
 
 def loss_fn(params, graphdef, batch, dropout_key, z_loss: float, moe_balance: float = 0.0,
-            moe_z: float = 0.0, loss_chunk: int = 0):
+            moe_z: float = 0.0, loss_chunk: int = 0, plan: pipeline.Schedule | None = None,
+            names: dict | None = None):
     """Summed token cross-entropy (plus z-loss and, for MoE models, the routing losses) over
     non-padding tokens; aux (summed nll, token count, MoE routing stats or {}).
 
     Sums, not means, so that microbatches add up exactly to the full batch: the routing
     losses, means over tokens, enter weighted by the token count. The cross-entropy is taken
-    `loss_chunk` positions at a time (maxgpt/loss.py).
+    `loss_chunk` positions at a time (maxgpt/loss.py). With a pipeline `plan` the layers run
+    through its stages (params as stored; `names`: their logical axes). Under context
+    parallelism the sequence is first put in the load-balanced order (a sum over tokens
+    does not mind the order).
     """
-    model = nnx.merge(graphdef, params)
-    hidden, moe = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                               dropout_key)
+    order = sharding.balanced_order(batch["inputs"].shape[1])
+    if order is not None:
+        batch = {k: sharding.constrain(jnp.take(v, order, axis=1), ("batch", "seq"))
+                 for k, v in batch.items()}
+    repeats = 1 if plan is None else plan.repeats
+    model = nnx.merge(graphdef, pipeline.to_natural(params, names, repeats) if repeats > 1
+                      else params)
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if plan is None:
+        hidden, moe = model.hidden(*inputs, dropout_key, order)
+    else:
+        hidden, moe = pipeline.hidden(model, plan, params, *inputs, order, dropout_key)
     weights = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is padding
     output = model.output_weights()  # gathered once for all the loss's pieces
     nll, z_sum = token_losses(lambda h: model.logits(h, output), hidden, batch["targets"],
@@ -110,7 +141,8 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
+def train_step(state, batch, *, graphdef, optimizer, cfg: Config,
+               plan: pipeline.Schedule | None = None, names: dict | None = None):
     """One optimizer step over the global batch, accumulated over `train.microbatches`."""
     M = cfg.train.microbatches
     params = state["params"]
@@ -131,7 +163,7 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
         mb_key = None if key is None else jax.random.fold_in(key, index)
         (_, (mb_nll, mb_tokens, moe)), mb_grads = grad_fn(
             params, graphdef, mb, mb_key, cfg.train.z_loss, cfg.train.moe_balance_loss,
-            cfg.train.moe_z_loss, cfg.train.loss_chunk)
+            cfg.train.moe_z_loss, cfg.train.loss_chunk, plan, names)
         carry = (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, tokens + mb_tokens)
         return carry, moe
 
@@ -167,13 +199,15 @@ def train_step(state, batch, *, graphdef, optimizer, cfg: Config):
     return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, loss_chunk: int = 0):
+def eval_step(params, batch, *, graphdef, loss_chunk: int = 0,
+              plan: pipeline.Schedule | None = None, names: dict | None = None):
     """Summed nll, token count and target UTF-8 bytes of one batch, no dropout."""
-    _, (nll, tokens, _) = loss_fn(params, graphdef, batch, None, 0.0, loss_chunk=loss_chunk)
+    _, (nll, tokens, _) = loss_fn(params, graphdef, batch, None, 0.0, loss_chunk=loss_chunk,
+                                  plan=plan, names=names)
     return nll, tokens, jnp.where(batch["segment_ids"] > 0, batch["target_bytes"], 0).sum()
 
 
-def _check_mesh(cfg: Config, mesh: Mesh) -> None:
+def _check_mesh(cfg: Config, mesh: Mesh, plan: pipeline.Schedule | None) -> None:
     experts, ep = cfg.model.num_experts, mesh.shape["expert"]
     if experts and experts % ep:  # mesh.expert=-1 resolves only here
         raise ConfigError(f"the expert axis has {ep} devices, which does not divide "
@@ -186,28 +220,50 @@ def _check_mesh(cfg: Config, mesh: Mesh) -> None:
             f"microbatch(es) of {micro} does not divide over {shards} data shards "
             f"(mesh.data x mesh.fsdp x mesh.expert); use a multiple of "
             f"{shards * cfg.train.microbatches}")
+    pipeline.check(cfg, plan, shards)
+    pieces = sharding.axis_size("seq", mesh)
+    seq_len, chunk = cfg.train.seq_len, cfg.train.loss_chunk
+    if pieces > 1 and seq_len % (2 * pieces):
+        raise ConfigError(f"train.seq_len={seq_len} must be a multiple of {2 * pieces} to "
+                          f"split over {pieces} context-parallel devices (two chunks each, "
+                          "for causal load balance)")
+    if pieces > 1 and chunk and (seq_len // pieces) % chunk:
+        raise ConfigError(f"train.loss_chunk={chunk} must divide the {seq_len // pieces} "
+                          f"positions each of the {pieces} context-parallel devices holds")
+    if pieces > 1 and cfg.model.attention == "splash" and (seq_len // (2 * pieces)) % 128:
+        raise ConfigError(f"model.attention=splash over {pieces} context-parallel devices "
+                          f"needs train.seq_len to be a multiple of {256 * pieces} (chunks "
+                          "of the kernel's 128-token tiles); use auto or xla")
 
 
 def build_trainer(cfg: Config, mesh: Mesh) -> Trainer:
-    _check_mesh(cfg, mesh)
+    plan = pipeline.schedule(cfg, mesh)
+    _check_mesh(cfg, mesh, plan)
     graphdef, abstract_params = abstract_model(cfg)
     optimizer = make_optimizer(cfg)
-    param_sh = sharding.param_shardings(abstract_params, mesh)
+    names = sharding.param_names(abstract_params)
+    natural = nnx.to_pure_dict(abstract_params)
+    repeats = 1 if plan is None else plan.repeats
+    stored = jax.eval_shape(functools.partial(pipeline.to_stored, names=names,
+                                              repeats=repeats), natural)
+    param_sh = sharding.param_shardings(pipeline.stored_names(names, repeats), stored, mesh)
     replicated = sharding.replicated(mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, nnx.to_pure_dict(abstract_params))
+    abstract_opt = jax.eval_shape(optimizer.init, stored)
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated,
                 "skipped_steps": replicated, "bad_in_a_row": replicated}
     batch_sh = sharding.batch_sharding(mesh)
     step = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, cfg=cfg),
+        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, cfg=cfg,
+                          plan=plan, names=names),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
         donate_argnums=0)
-    evaluate = jax.jit(lambda params, batch: eval_step(params, batch, graphdef=graphdef,
-                                                       loss_chunk=cfg.train.loss_chunk),
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, plan=plan, names=names,
+                                         loss_chunk=cfg.train.loss_chunk),
                        in_shardings=(param_sh, batch_sh), out_shardings=replicated)
-    return Trainer(cfg, mesh, graphdef, optimizer, state_sh, batch_sh, step, evaluate)
+    return Trainer(cfg, mesh, graphdef, names, plan, optimizer, state_sh,
+                   sharding.param_shardings(names, natural, mesh), batch_sh, step, evaluate)
 
 
 def _init_fn(trainer: Trainer) -> Callable[[], dict[str, Any]]:
@@ -215,6 +271,7 @@ def _init_fn(trainer: Trainer) -> Callable[[], dict[str, Any]]:
 
     def init():
         params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(cfg.train.seed))))
+        params = pipeline.to_stored(params, trainer.param_names, trainer.repeats)
         zero = jnp.zeros((), jnp.int32)
         return {"params": params, "opt_state": optimizer.init(params), "step": zero,
                 "skipped_steps": zero, "bad_in_a_row": zero}
