@@ -3,10 +3,12 @@
     python benchmarks/suite.py [--quick] [--only train,memory,...] [--no-write]
 
 Sections: train, memory, compile, data, checkpoint, decode (this machine, one device), maxtext
-(MaxText at the same shape, when MAXTEXT_PYTHON names a python with maxtext: maxtext_side.py)
-and aot (llama3-8b compiled for v5p-8, both stacks). Each reuses its script's measuring
-function; a failing section reads "not run: <reason>". The rows go to benchmarks/results/ as
-JSON and, from a run of all sections, into docs/benchmarks.md between the suite markers.
+(MaxText at the same shape, when MAXTEXT_PYTHON names a python with maxtext: maxtext_side.py),
+aot (llama3-8b compiled for v5p-8, both stacks), pipeline (mesh.stage on 8 simulated CPU
+devices) and context (llama3-8b at 32k-128k tokens on v5p-16 with mesh.context=8). Each
+reuses its script's measuring function; a failing section reads "not run: <reason>". The
+rows go to benchmarks/results/ as JSON and, from a run of all sections, into
+docs/benchmarks.md between the suite markers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from pathlib import Path
 import jax
 
 import checkpoint_io  # benchmarks/ is on sys.path when run as a script
+import context_memory
 import decode_throughput
+import pipeline_steps
 import train_throughput
 from data_throughput import pipeline_tokens_per_sec
 from maxgpt import sharding
@@ -317,6 +321,43 @@ def aot(quick: bool, ctx: dict):
                   "compile time is XLA's alone; MaxText's is its whole process.")
 
 
+def pipeline_section(quick: bool, ctx: dict):
+    # 8 simulated devices need their own process (this one has one CPU device)
+    command = [sys.executable, str(ROOT / "benchmarks" / "pipeline_steps.py"), "--json",
+               "--rounds", "3" if quick else "7"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = load_config(None, pipeline_steps.SHAPE)
+    where = shape(cfg.model, f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, "
+                             "8 simulated CPU devices")
+    rows = [row(name, where, f"step {r['median_step_s']:.3f} s, x{r['ratio']:.2f} the step "
+                f"without a pipeline; bubble {r['bubble']:.1%}, expected x"
+                f"{r['expected_ratio']:.2f}", **r) for name, r in result.items()]
+    return rows, ("pipeline_steps.py: the train step on 8 simulated CPU devices (sharing this "
+                  "machine's cores) for each mesh at the same global batch, compiled ahead of "
+                  "time, 2 warm-up steps, then rounds timing one step of every mesh in turn; "
+                  "medians; ratio to data=8; expected = 1 / (1 - bubble), since every stage "
+                  "computes in every step of the schedule.")
+
+
+def context_section(quick: bool, ctx: dict):
+    lengths = [32768] if quick else [32768, 65536, 131072]
+    rows = []
+    for r in context_memory.measure(lengths):
+        cfg = load_config(LLAMA_CONFIG, [f"train.seq_len={r['length']}"])
+        rows.append(memory_row(
+            f"{r['length']:,} tokens, {r['setup']}", train_shape(cfg).split(";")[0]
+            + "; v5p-16 (8 chips)", r["argument_bytes"], r["output_bytes"],
+            r["alias_bytes"], r["temp_bytes"], f"; {'fits' if r['fits'] else 'does NOT fit'} "
+            f"in 95 GiB; compile {r['compile_s']:.0f} s", compile_s=r["compile_s"]))
+    return rows, ("context_memory.py: `maxgpt compile --json` of llama3-8b for v5p-16 (libtpu, "
+                  "no TPU) per sequence length: one sequence split over mesh.context=8 "
+                  "against FSDP over 8 chips with a sequence per chip; bf16 compute, fp32 "
+                  "weights and AdamW, full remat, splash attention.")
+
+
 def not_run(case: str, error: Exception) -> dict:
     """A row saying why: the error's first and last lines (the full text goes to stderr)."""
     print(f"[suite] {case} failed: {type(error).__name__}: {error}", file=sys.stderr)
@@ -326,7 +367,8 @@ def not_run(case: str, error: Exception) -> dict:
 
 
 SECTIONS = {"train": train, "memory": memory, "compile": compile_time, "data": data,
-            "checkpoint": checkpoint, "decode": decode, "maxtext": maxtext, "aot": aot}
+            "checkpoint": checkpoint, "decode": decode, "maxtext": maxtext, "aot": aot,
+            "pipeline": pipeline_section, "context": context_section}
 
 
 def markdown(rows: list[dict], methods: dict, header: str) -> str:

@@ -29,10 +29,11 @@ from maxgpt.flops import flops_per_token, measured_matmul_peak
 from maxgpt.train import build_trainer, count_params, init_state
 
 
-def step_timer(cfg):
-    """Compile cfg's train step for one device, warm it up with 2 untimed steps, and return
-    a function that runs one more step to completion and returns its seconds."""
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+def step_timer(cfg, devices=None):
+    """Compile cfg's train step for `devices` (default: one), warm it up with 2 untimed
+    steps, and return a function that runs one more step to completion and returns its
+    seconds."""
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1] if devices is None else devices)
     trainer = build_trainer(cfg, mesh)
     source = SyntheticSource(cfg.model.vocab_size, cfg.train.batch_size, cfg.train.seq_len, 0)
     with jax.set_mesh(mesh):
