@@ -328,7 +328,7 @@ def cmd_compile(args) -> int:
     report = compile_for(cfg, args.topology, args.num_slices)
     if args.json:
         print(json.dumps({**dataclasses.asdict(report), "fits": report.fits,
-                          "bytes_per_device": report.bytes_per_device}))
+                          "bytes_per_device": report.bytes_per_device, "hint": report.hint}))
     else:
         gib = 2**30
         print(f"{cfg.model.name} on {report.topology} ({report.devices} devices, mesh "
@@ -341,6 +341,8 @@ def cmd_compile(args) -> int:
               f"{report.code_bytes / gib:.2f} GiB")
         print(f"  total {report.bytes_per_device / gib:.2f} GiB of {report.hbm_bytes / gib:.1f}"
               f" GiB HBM: {'fits' if report.fits else 'does NOT fit'}")
+        if report.hint:
+            print(f"  to fit: {report.hint}")
         print(f"  training FLOPs per step: {report.flops_per_step:.3g} (maxgpt/flops.py)")
     return 0 if report.fits else 3
 

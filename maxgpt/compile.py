@@ -57,6 +57,14 @@ class CompileReport:
     def fits(self) -> bool:
         return self.bytes_per_device <= self.hbm_bytes
 
+    @property
+    def hint(self) -> str:
+        """What to change when the step does not fit ("" when it does)."""
+        from maxgpt import sharding
+
+        return "" if self.fits else sharding.memory_hint(
+            self.mesh, self.argument_bytes, self.temp_bytes, self.hbm_bytes)
+
 
 def topology_devices(chip: Chip, chips: int, num_slices: int = 1) -> list:
     """Abstract devices of `num_slices` slices of `chips` chips each (libtpu, no TPU)."""

@@ -111,7 +111,7 @@ class ModelConfig:
 class MeshConfig:
     stage: int  # pipeline parallelism: the layer stack split into this many stages
     data: int  # -1: whatever the other axes leave of the device count
-    fsdp: int
+    fsdp: int  # 0 (auto): the devices of a slice the other axes leave; 1 on CPU
     context: int  # context parallelism: every sequence split along its length
     expert: int  # expert parallelism: MoE experts split over it, a data axis elsewhere
     tensor: int
@@ -478,8 +478,9 @@ def _validate_mesh(cfg: Config) -> None:
     checked once the mesh exists (train.build_trainer)."""
     m, mesh = cfg.model, cfg.mesh
     for axis, value in mesh.axes().items():
-        if value == 0 or value < -1:
-            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (the rest), got {value}")
+        if (value == 0 and axis != "fsdp") or value < -1:
+            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (the rest)"
+                              f"{' or 0 (auto)' if axis == 'fsdp' else ''}, got {value}")
     if list(mesh.axes().values()).count(-1) > 1:
         raise ConfigError("at most one mesh axis may be -1")
     if m.num_experts and mesh.expert > 0 and m.num_experts % mesh.expert:

@@ -107,8 +107,9 @@ def check_memory(compiled, trainer: Trainer) -> None:
         raise ConfigError(
             f"the train step needs {need / gib:,.1f} GiB per device (temporaries "
             f"{memory.temp_size_in_bytes / gib:,.1f} GiB) but has {have / gib:,.1f} GiB "
-            f"({what}); lower train.batch_size or train.seq_len, raise train.microbatches or "
-            "mesh.fsdp, use model.remat=full, or set train.loss_chunk (docs/performance.md)")
+            f"({what}); " + sharding.memory_hint(
+                dict(trainer.mesh.shape), memory.argument_size_in_bytes,
+                memory.temp_size_in_bytes, have) + " (docs/performance.md)")
 
 
 def open_corpus(cfg: Config, run_dir: RunDir | None) -> Corpus | None:

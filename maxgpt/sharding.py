@@ -66,8 +66,20 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    sizes = cfg.axes()
+def resolve_mesh_shape(cfg: MeshConfig, devices: Sequence[jax.Device]) -> dict[str, int]:
+    """Every axis's size over `devices`: -1 takes the rest; `mesh.fsdp=0` (auto, the
+    default) is 1 on CPU (simulated devices share one host's memory: plain data
+    parallelism) and elsewhere FSDP over each slice, with `data` (when -1) across the
+    slices: a model whose replicated weights and AdamW state would not fit is split."""
+    sizes, num_devices = cfg.axes(), len(devices)
+    if sizes["fsdp"] == 0:
+        sizes["fsdp"] = 1
+        if devices[0].platform != "cpu" and -1 not in sizes.values():
+            sizes["fsdp"] = -1  # the rest, after an explicit data axis
+        elif devices[0].platform != "cpu" and sizes["data"] == -1:
+            slices = len({getattr(d, "slice_index", 0) for d in devices})
+            stage = sizes["stage"] if sizes["stage"] > 0 else 1
+            sizes["data"], sizes["fsdp"] = slices // math.gcd(stage, slices), -1
     known = math.prod(v for v in sizes.values() if v != -1)
     for axis, size in sizes.items():
         if size == -1:
@@ -84,6 +96,25 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def memory_hint(sizes: dict[str, int], argument_bytes: int, temp_bytes: int,
+                capacity: int) -> str:
+    """What to change, mesh keys first, when a train step needs more than `capacity` bytes
+    per device: its arguments are mostly weights and optimizer state, its temporaries
+    mostly activations."""
+    hints = []
+    if argument_bytes > capacity / 2:
+        if sizes["data"] > 1:
+            hints.append(f"split the weights and optimizer state over the data axis too "
+                         f"(mesh.data=1 mesh.fsdp={sizes['data'] * sizes['fsdp']}, or keep "
+                         f"mesh.data at the slice count)")
+        hints.append("use more devices or pipeline stages (mesh.stage)")
+    if temp_bytes > capacity / 2 or not hints:
+        hints.append("shrink the activations: model.remat=full, a higher train.microbatches "
+                     "or lower train.batch_size, mesh.context for long sequences, "
+                     "train.loss_chunk")
+    return "; ".join(hints)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh over `devices` (default: all). Devices of several TPU slices (multi-slice,
     `slice_index`) get a hybrid mesh: the slices are spread over `stage` first and then
@@ -91,7 +122,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     microbatch of activations between stages; one gradient reduction per step across data
     replicas), and every other axis stays within a slice's ICI."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_mesh_shape(cfg, len(devices))
+    sizes = resolve_mesh_shape(cfg, devices)
     shape = tuple(sizes[a] for a in MESH_AXES)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -193,8 +224,8 @@ def axis_size(name: str, mesh=None) -> int:
 
 
 def mesh_axes(name: str) -> tuple[str, ...]:
-    """The mesh axes of logical axis `name`: for collectives over it (all_gather) and for
-    `jax.vmap(spmd_axis_name=...)` over a dimension of that name (maxgpt/pipeline.py)."""
+    """The mesh axes of logical axis `name`: for a `shard_map` over them and collectives
+    across them (maxgpt/pipeline.py's loop over `stages`)."""
     return RULES[name]
 
 

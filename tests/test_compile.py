@@ -22,10 +22,11 @@ def compile_json(capsys, *argv):
 
 @pytest.mark.slow  # about 55 s of XLA:TPU compilation on 2 cores
 def test_llama3_8b_fits_on_v5p_8(capsys):
+    """With no mesh keys: the default mesh is FSDP over the slice (a replicated 8B model with
+    AdamW state needs 218.9 GiB per chip)."""
     code, out = compile_json(capsys, "--config", "configs/models/llama3-8b.yaml", "--topology",
-                             "v5p-8", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=8",
-                             "train.seq_len=8192")
-    assert code == 0 and out["fits"]
+                             "v5p-8", "train.batch_size=8", "train.seq_len=8192")
+    assert code == 0 and out["fits"] and out["mesh"]["fsdp"] == 4 and out["hint"] == ""
     assert out["hbm_bytes"] == 95 * 2**30
     # at least the fsdp shard of params + 2 Adam moments (fp32): 8.03B * 12 bytes / 4 chips
     assert 8.03e9 * 12 / 4 < out["bytes_per_device"] < out["hbm_bytes"]
@@ -38,6 +39,7 @@ def test_llama3_70b_does_not_fit_on_v5e_8(capsys):
                              "train.seq_len=2048")
     assert code == 3 and not out["fits"]
     assert out["bytes_per_device"] > 70.5e9 * 12 / 8 > out["hbm_bytes"]
+    assert "pipeline stages (mesh.stage)" in out["hint"]  # the weights alone do not fit
 
 
 @pytest.mark.slow  # about 70 s of XLA:TPU compilation on 2 cores
@@ -62,6 +64,22 @@ def test_two_slices_compile_with_data_parallelism_across_them(capsys):
     assert (slices[:2] == 0).all() and (slices[2:] == 1).all()  # data spans the slices
     for row in slices:  # fsdp stays within one slice
         assert len(np.unique(row)) == 1
+
+
+@pytest.mark.parametrize("keys, slices, want", [
+    ((), 1, {"data": 1, "fsdp": 8}),  # FSDP over the slice
+    ((), 2, {"data": 2, "fsdp": 8}),  # and data across slices
+    (("mesh.data=2",), 1, {"data": 2, "fsdp": 4}),  # fsdp takes what data leaves
+    (("mesh.stage=2",), 2, {"stage": 2, "data": 1, "fsdp": 8}),  # stages take the slices
+    (("mesh.data=1", "mesh.tensor=-1"), 1, {"fsdp": 1, "tensor": 8}),  # another axis fills
+])
+def test_default_mesh_is_fsdp_within_slices(keys, slices, want):
+    """mesh.fsdp=0 (auto, the default) on TPU devices; on CPU it stays data parallelism."""
+    devices = topology_devices(*parse_slice("v5e-8"), num_slices=slices)
+    mesh = sharding.make_mesh(load_config(None, list(keys)).mesh, devices)
+    assert {a: n for a, n in mesh.shape.items() if a in want} == want
+    if not keys:  # the 8 CPU devices of the tests: data parallelism
+        assert dict(sharding.make_mesh(load_config(None, []).mesh).shape)["data"] == 8
 
 
 def test_pipeline_stages_run_across_slices(capsys):

@@ -278,6 +278,6 @@ def test_a_step_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path
     cfg = make_config("tiny", "train.batch_size=100000000", "train.seq_len=32")
     with pytest.raises(ConfigError, match=r"needs [\d,.]+ GiB per device \(temporaries [\d,.]+ "
                                           r"GiB\) but has [\d,.]+ GiB \(this host's RAM shared "
-                                          r"by 8 devices\); lower train.batch_size"):
+                                          r"by 8 devices\); shrink the activations: model.remat=full"):
         loop.run(cfg, tmp_path / "run", echo=False)
     assert os.listdir(tmp_path / "run") == [".maxgpt-probes"]
