@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 import time
 
@@ -47,6 +46,7 @@ class CompileReport:
     flops_per_step: float  # maxgpt.flops (XLA's own count sees a scanned layer only once)
     compile_s: float
     pipeline: str  # the pipeline schedule and its bubble (mesh.stage > 1), else ""
+    state_bytes: int  # per device: weights and optimizer state (part of the arguments)
 
     @property
     def bytes_per_device(self) -> int:
@@ -63,7 +63,7 @@ class CompileReport:
         from maxgpt import sharding
 
         return "" if self.fits else sharding.memory_hint(
-            self.mesh, self.argument_bytes, self.temp_bytes, self.hbm_bytes)
+            self.mesh, self.state_bytes, self.temp_bytes, self.hbm_bytes)
 
 
 def topology_devices(chip: Chip, chips: int, num_slices: int = 1) -> list:
@@ -92,12 +92,6 @@ def topology_devices(chip: Chip, chips: int, num_slices: int = 1) -> list:
 _OUT_OF_HBM = re.compile(r"HLO temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
 
 
-def _shard_bytes(tree, shardings) -> int:
-    """Bytes of one device's shard of every array in `tree` (the largest shard)."""
-    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
-
-
 def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileReport:
     from maxgpt import sharding
     from maxgpt.train import _abstract_batch, abstract_state, build_trainer
@@ -109,13 +103,15 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
     mesh = sharding.make_mesh(cfg.mesh, devices)
     trainer = build_trainer(cfg, mesh)
     state, batch = abstract_state(trainer), _abstract_batch(trainer)
+    state_bytes = sharding.shard_bytes(state, trainer.state_shardings)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     report = functools.partial(
         CompileReport, topology=f"{slice_name}" + (f" x {num_slices} slices"
                                                    if num_slices > 1 else ""),
         devices=len(devices), mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes,
         flops_per_step=flops_per_token(cfg.model, cfg.train.seq_len) * tokens,
-        pipeline="" if trainer.schedule is None else trainer.schedule.describe())
+        pipeline="" if trainer.schedule is None else trainer.schedule.describe(),
+        state_bytes=state_bytes)
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         try:
@@ -126,8 +122,8 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
                 raise
             # Does not fit: the compiler's temporaries, and our count of the arguments.
             temp = float(found.group(1)) * 2 ** (10 * " KMGT".index(found.group(2)))
-            args = (_shard_bytes(state, trainer.state_shardings)
-                    + _shard_bytes(batch, [trainer.batch_sharding] * len(batch)))
+            args = state_bytes + sharding.shard_bytes(
+                batch, [trainer.batch_sharding] * len(batch))
             return report(argument_bytes=args, output_bytes=0, alias_bytes=0,
                           temp_bytes=int(temp), code_bytes=0,
                           compile_s=time.perf_counter() - start)

@@ -108,7 +108,8 @@ def check_memory(compiled, trainer: Trainer) -> None:
             f"the train step needs {need / gib:,.1f} GiB per device (temporaries "
             f"{memory.temp_size_in_bytes / gib:,.1f} GiB) but has {have / gib:,.1f} GiB "
             f"({what}); " + sharding.memory_hint(
-                dict(trainer.mesh.shape), memory.argument_size_in_bytes,
+                dict(trainer.mesh.shape),
+                sharding.shard_bytes(abstract_state(trainer), trainer.state_shardings),
                 memory.temp_size_in_bytes, have) + " (docs/performance.md)")
 
 

@@ -96,17 +96,23 @@ def resolve_mesh_shape(cfg: MeshConfig, devices: Sequence[jax.Device]) -> dict[s
     return sizes
 
 
-def memory_hint(sizes: dict[str, int], argument_bytes: int, temp_bytes: int,
+def shard_bytes(tree, shardings) -> int:
+    """Bytes of one device's shard of every array in `tree` (the largest shard)."""
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def memory_hint(sizes: dict[str, int], state_bytes: int, temp_bytes: int,
                 capacity: int) -> str:
     """What to change, mesh keys first, when a train step needs more than `capacity` bytes
-    per device: its arguments are mostly weights and optimizer state, its temporaries
+    per device: `state_bytes` are a device's weights and optimizer state, its temporaries
     mostly activations."""
     hints = []
-    if argument_bytes > capacity / 2:
-        if sizes["data"] > 1:
-            hints.append(f"split the weights and optimizer state over the data axis too "
-                         f"(mesh.data=1 mesh.fsdp={sizes['data'] * sizes['fsdp']}, or keep "
-                         f"mesh.data at the slice count)")
+    if state_bytes > min(capacity, temp_bytes) and sizes["data"] > 1:
+        hints.append(f"split the weights and optimizer state over the data axis too "
+                     f"(mesh.data=1 mesh.fsdp={sizes['data'] * sizes['fsdp']}, or keep "
+                     f"mesh.data at the slice count)")
+    if state_bytes > capacity:  # they alone do not fit
         hints.append("use more devices or pipeline stages (mesh.stage)")
     if temp_bytes > capacity / 2 or not hints:
         hints.append("shrink the activations: model.remat=full, a higher train.microbatches "
