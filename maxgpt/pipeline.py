@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from maxgpt import sharding
 from maxgpt.config import Config, ConfigError
+from maxgpt.model.transformer import LAYER_INPUT, REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +163,6 @@ def hidden(model, plan: Schedule, params: dict, tokens, positions, segment_ids, 
 def _stage_fn(model, plan: Schedule, order):
     """(layers of this stage, repeat, x, segment ids, positions, microbatch) -> one stage's
     run of layers on one microbatch, and its MoE statistics."""
-    from maxgpt.model.transformer import LAYER_INPUT, REMAT_POLICIES
-
     r = plan.repeats
 
     def stage(layers, rep, x, segment_ids, positions, m):

@@ -66,20 +66,25 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _slice_count(devices: Sequence[jax.Device]) -> int:
+    """TPU slices among `devices` (multi-slice: `slice_index`); 1 elsewhere."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def resolve_mesh_shape(cfg: MeshConfig, devices: Sequence[jax.Device]) -> dict[str, int]:
     """Every axis's size over `devices`: -1 takes the rest; `mesh.fsdp=0` (auto, the
     default) is 1 on CPU (simulated devices share one host's memory: plain data
     parallelism) and elsewhere FSDP over each slice, with `data` (when -1) across the
     slices: a model whose replicated weights and AdamW state would not fit is split."""
     sizes, num_devices = cfg.axes(), len(devices)
-    if sizes["fsdp"] == 0:
+    if sizes["fsdp"] == 0:  # auto
         sizes["fsdp"] = 1
-        if devices[0].platform != "cpu" and -1 not in sizes.values():
-            sizes["fsdp"] = -1  # the rest, after an explicit data axis
-        elif devices[0].platform != "cpu" and sizes["data"] == -1:
-            slices = len({getattr(d, "slice_index", 0) for d in devices})
-            stage = sizes["stage"] if sizes["stage"] > 0 else 1
-            sizes["data"], sizes["fsdp"] = slices // math.gcd(stage, slices), -1
+        if devices[0].platform != "cpu":
+            if sizes["data"] == -1:  # data across the slices (those stages leave), fsdp the rest
+                slices = _slice_count(devices)
+                sizes["data"], sizes["fsdp"] = slices // math.gcd(sizes["stage"], slices), -1
+            elif -1 not in sizes.values():  # fsdp the rest, after an explicit data axis
+                sizes["fsdp"] = -1
     known = math.prod(v for v in sizes.values() if v != -1)
     for axis, size in sizes.items():
         if size == -1:
@@ -131,7 +136,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     sizes = resolve_mesh_shape(cfg, devices)
     shape = tuple(sizes[a] for a in MESH_AXES)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    slices = _slice_count(devices)
     if slices > 1:
         across_stage = math.gcd(sizes["stage"], slices)
         across_data = slices // across_stage
