@@ -64,13 +64,14 @@ def compile_step(trainer: Trainer):
             result["error"] = e
 
     thread = threading.Thread(target=work, daemon=True, name="maxgpt-compile")
-    thread.start()
     try:
+        thread.start()  # inside: a Ctrl-C landing while it waits for the thread to start
         while thread.is_alive():
             thread.join(0.2)  # returns to Python often: signal handlers run
     except KeyboardInterrupt:
         # A second Ctrl-C: XLA cannot be stopped mid-compile, and the interpreter's exit
-        # tears the backend down under it (exit -11, seen in a full test run). Nothing of
+        # tears the backend down under it (exit -11 or "FATAL: exception not rethrown" and
+        # -6, seen in full test runs when the signal landed in thread.start()). Nothing of
         # the run is written before the compile, so leave without the interpreter's exit.
         print("maxgpt: interrupted", file=sys.stderr, flush=True)
         sys.stdout.flush()
