@@ -344,6 +344,9 @@ def cmd_compile(args) -> int:
         if report.hint:
             print(f"  to fit: {report.hint}")
         print(f"  training FLOPs per step: {report.flops_per_step:.3g} (maxgpt/flops.py)")
+        if cfg.model.quantize != "none":
+            print(f"  model.quantize={cfg.model.quantize}: {report.quantized_dots} dots on "
+                  "quantized operands in the optimised program")
     return 0 if report.fits else 3
 
 

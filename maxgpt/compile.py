@@ -47,6 +47,7 @@ class CompileReport:
     compile_s: float
     pipeline: str  # the pipeline schedule and its bubble (mesh.stage > 1), else ""
     state_bytes: int  # per device: weights and optimizer state (part of the arguments)
+    quantized_dots: int = 0  # dots of the optimised program on int8/fp8 operands (model.quantize)
 
     @property
     def bytes_per_device(self) -> int:
@@ -132,7 +133,30 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
     return report(argument_bytes=memory.argument_size_in_bytes,
                   output_bytes=memory.output_size_in_bytes,
                   alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-                  code_bytes=memory.generated_code_size_in_bytes, compile_s=seconds)
+                  code_bytes=memory.generated_code_size_in_bytes, compile_s=seconds,
+                  quantized_dots=quantized_dots(compiled.as_text()))
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[")
+_DOT = re.compile(r" (?:dot|convolution)\(([^)]*)\)")
+_LOW_PRECISION = ("s8", "u8", "s4", "u4", "f8")
+
+
+def quantized_dots(hlo: str) -> int:
+    """Dots (and the convolutions TPU programs express them as) of an optimised HLO module
+    whose operands are 8-bit or 4-bit integers or floats: the matmuls model.quantize made
+    low-precision, as the compiler will run them."""
+    types, count = {}, 0
+    for line in hlo.splitlines():
+        found = _INSTRUCTION.match(line)
+        if found is None:
+            continue
+        types[found.group(1)] = found.group(2)
+        dot = _DOT.search(line)
+        if dot and any(types.get(o.strip().lstrip("%"), "").startswith(_LOW_PRECISION)
+                       for o in dot.group(1).split(",")):
+            count += 1
+    return count
 
 
 def find_mesh(model: dict, slice_name: str, seq_len: int = 4096,

@@ -70,6 +70,9 @@ class ModelConfig:
     moe_dispatch: Literal["dropless", "capacity"]
     capacity_factor: float  # capacity: each expert takes factor * T * k / E tokens per row
     num_shared_experts: int  # experts every token passes through (one MLP of n * mlp_dim)
+    # Quantized training (maxgpt/quantize.py): the weight matmuls of attention, MLP, experts
+    quantize: Literal["none", "int8", "fp8"]
+    quantize_output: bool  # the output layer's matmul too (embeddings never)
 
     @property
     def head_dim(self) -> int:

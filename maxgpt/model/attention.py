@@ -241,7 +241,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype, self.quant = jnp.dtype(cfg.dtype), cfg.quantize
         self.kernel = cfg.attention
         self.windows = tuple(sorted(set(cfg.layer_windows())))
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
@@ -260,7 +260,7 @@ class Attention(nnx.Module):
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
 
     def _project(self, x, kernel, bias, heads_axis):
-        y = matmul(x, kernel[...])  # (B, T, D) x (D, heads, H)
+        y = matmul(x, kernel[...], quant=self.quant)  # (B, T, D) x (D, heads, H)
         if bias is not None:
             y = y + bias[...].astype(self.dtype)
         return constrain(y, ("batch", "seq", heads_axis, "head_dim"))
@@ -297,7 +297,7 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                                mask=mask[:, None])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        y = matmul(out, self.o_proj[...], contract=2)  # (B, T, N, H) x (N, H, D)
+        y = matmul(out, self.o_proj[...], 2, self.quant)  # (B, T, N, H) x (N, H, D)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(self.dtype)
         return y if cache is None else (y, cache)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maxgpt import quantize
 from maxgpt.config import ModelConfig
 from maxgpt.sharding import constrain, param
 
@@ -44,17 +45,26 @@ def _matmul_2d_bwd(residuals, dy):
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array | quantize.QArray, contract: int = 1,
+           quant: str = "none") -> jax.Array:
     """Contract the last `contract` axes of x with the first `contract` axes of w.
 
     E.g. (B, T, D) x (D, N, H) -> (B, T, N, H), or (B, T, N, H) x (N, H, D) -> (B, T, D) with
-    contract=2. Every weight matmul of the model goes through here, in the compute dtype.
+    contract=2. Every weight matmul of the model goes through here, in the compute dtype:
+    `quant` int8 | fp8 quantizes both operands (model.quantize, maxgpt/quantize.py); a
+    quantized weight (a QArray, for inference) is used as it is.
     """
     lead, k_shape = x.shape[:-contract], x.shape[-contract:]
     assert k_shape == w.shape[:contract], (x.shape, w.shape)
     out_shape = w.shape[contract:]
     k, n = math.prod(k_shape), math.prod(out_shape)
-    y = _matmul_2d(x.reshape(-1, k), w.astype(x.dtype).reshape(k, n))
+    x2 = x.reshape(-1, k)
+    if isinstance(w, quantize.QArray):
+        y = quantize.weight_dot(x2, w.reshape(k, n))
+    elif quant != "none":
+        y = quantize.dot(x2, w.astype(x.dtype).reshape(k, n), quant)
+    else:
+        y = _matmul_2d(x2, w.astype(x.dtype).reshape(k, n))
     return y.reshape(*lead, *out_shape)
 
 
@@ -107,7 +117,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int | None = None):
         D, F, pdt = cfg.embed_dim, width or cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
-        self.kind, self.dtype = cfg.mlp, jnp.dtype(cfg.dtype)
+        self.kind, self.dtype, self.quant = cfg.mlp, jnp.dtype(cfg.dtype), cfg.quantize
         init = normal(cfg.init_std)
         # GPT-2: residual-path projections scaled by 1/sqrt(2 * num_layers) at init.
         out_init = normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
@@ -125,18 +135,18 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
         dt = self.dtype
-        h = matmul(x, self.up_proj[...])  # (B, T, F)
+        h = matmul(x, self.up_proj[...], quant=self.quant)  # (B, T, F)
         if self.up_bias is not None:
             h = h + self.up_bias[...].astype(dt)
         if self.kind == "swiglu":
-            gate = matmul(x, self.gate_proj[...])
+            gate = matmul(x, self.gate_proj[...], quant=self.quant)
             if self.gate_bias is not None:
                 gate = gate + self.gate_bias[...].astype(dt)
             h = jax.nn.silu(gate) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
         h = constrain(h, ("batch", "seq", "mlp"))
-        y = matmul(h, self.down_proj[...])  # (B, T, D)
+        y = matmul(h, self.down_proj[...], quant=self.quant)  # (B, T, D)
         if self.down_bias is not None:
             y = y + self.down_bias[...].astype(dt)
         return y

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from maxgpt import quantize
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import MLP, matmul, normal
 from maxgpt.sharding import axis_size, logical_to_spec, param, platform
@@ -91,7 +92,7 @@ def _activate(h: jax.Array, gate: jax.Array | None) -> jax.Array:
 
 
 def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, ep_axis,
-                       tp_axis):
+                       tp_axis, quant):
     """Rows of tokens x (B, T, D) through their experts with per-row capacity.
     Returns (y (B, T, D) fp32, dropped assignments per row (B, 1))."""
     B, T, D = x.shape
@@ -107,11 +108,17 @@ def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, 
     buf = jnp.zeros((B, E, C, D), x.dtype).at[rows, e_idx, p_idx].set(x[:, token], mode="drop")
     if ep_axis:  # (B, E, C, D) -> (ep * B, E / ep, C, D): every source's rows, local experts
         buf = jax.lax.all_to_all(buf, ep_axis, split_axis=1, concat_axis=0, tiled=True)
-    up = w["up"].astype(x.dtype)
-    h = jnp.einsum("becd,edf->becf", buf, up)
-    gate = None if w["gate"] is None else jnp.einsum("becd,edf->becf", buf,
-                                                     w["gate"].astype(x.dtype))
-    out = jnp.einsum("becf,efd->becd", _activate(h, gate), w["down"].astype(x.dtype))
+    def experts_dot(h, weight, axis=None):  # (B, E, C, d) x (E, d, f) -> (B, E, C, f)
+        weight = quantize.weight(weight, x.dtype)
+        if quant == "none":
+            return jnp.einsum("becd,edf->becf", h, weight)
+        b, e, c, d = h.shape
+        out = quantize.batched_dot(h.swapaxes(0, 1).reshape(e, b * c, d), weight, quant, axis)
+        return out.reshape(e, b, c, -1).swapaxes(0, 1)
+
+    h = experts_dot(buf, w["up"])
+    gate = None if w["gate"] is None else experts_dot(buf, w["gate"])
+    out = experts_dot(_activate(h, gate), w["down"], tp_axis)  # the hidden units split over tp
     if tp_axis:
         out = jax.lax.psum(out, tp_axis)
     if ep_axis:
@@ -129,15 +136,19 @@ def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, 
 CPU_EXPERT_TILE = 256
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array,
-                   tiled: bool | None = None) -> jax.Array:
+def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, tiled: bool | None = None,
+                   quant: str = "none", split_axis: str | None = None) -> jax.Array:
     """Rows x (M, D) sorted by group, `sizes[e]` rows for group e (rows past their sum are
-    unused and give 0), times that group's w[e] (E, D, F) -> (M, F).
+    unused and give 0), times that group's w[e] (E, D, F) -> (M, F); `quant` int8 | fp8:
+    both operands quantized (maxgpt/quantize.py), with scales over all of D where D is split
+    over mesh axis `split_axis` (tiled only: ragged_dot_qt takes no such hook).
 
     tiled (default: on CPU): each group's rows start a fresh tile of CPU_EXPERT_TILE rows and
     every tile is one batched matmul with its group's weights; at most E tiles are extra.
     """
     if not (platform() == "cpu" if tiled is None else tiled):
+        if quant != "none":
+            return quantize.ragged_dot(x, w, sizes, quant)
         return jax.lax.ragged_dot(x, w, sizes)
     M, D = x.shape
     E = w.shape[0]
@@ -153,12 +164,15 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array,
     buf = jnp.zeros((n_tiles * tile, D), x.dtype).at[slot].set(x, mode="drop")
     tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(n_tiles),
                                               side="right"), E - 1)
-    out = jnp.einsum("tnd,tdf->tnf", buf.reshape(n_tiles, tile, D), w[tile_group])
+    tiles_in = buf.reshape(n_tiles, tile, D)
+    out = (jnp.einsum("tnd,tdf->tnf", tiles_in, w[tile_group]) if quant == "none" else
+           quantize.batched_dot(tiles_in, w[tile_group], quant, split_axis))
     out = out.reshape(n_tiles * tile, -1)
     return jnp.where((group < E)[:, None], out[jnp.minimum(slot, n_tiles * tile - 1)], 0)
 
 
-def _dropless_dispatch(x, experts, weights, valid, w, *, num_experts, ep, ep_axis, tp_axis):
+def _dropless_dispatch(x, experts, weights, valid, w, *, num_experts, ep, ep_axis, tp_axis,
+                       quant):
     """Tokens x (B, T, D) through all their experts: sorted by expert, grouped matmuls.
     Returns (y (B, T, D) fp32, zeros (B, 1): nothing is dropped)."""
     B, T, D = x.shape
@@ -180,11 +194,12 @@ def _dropless_dispatch(x, experts, weights, valid, w, *, num_experts, ep, ep_axi
     sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)
     sorted_rows = rows[order]
 
-    def grouped(h, weight):
-        return grouped_matmul(h, weight.astype(x.dtype), sizes)
+    def grouped(h, weight, split_axis=None):
+        return grouped_matmul(h, quantize.weight(weight, x.dtype), sizes, quant=quant,
+                              split_axis=split_axis)
 
     gate = None if w["gate"] is None else grouped(sorted_rows, w["gate"])
-    out_sorted = grouped(_activate(grouped(sorted_rows, w["up"]), gate), w["down"])
+    out_sorted = grouped(_activate(grouped(sorted_rows, w["up"]), gate), w["down"], tp_axis)
     if tp_axis:
         out_sorted = jax.lax.psum(out_sorted, tp_axis)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(ep, N, D)
@@ -243,10 +258,10 @@ class MoE(nnx.Module):
         if cfg.moe_dispatch == "capacity":
             fn = functools.partial(_capacity_dispatch, num_experts=cfg.num_experts,
                                    capacity=capacity(cfg, local_len), ep_axis=ep_axis,
-                                   tp_axis=tp_axis)
+                                   tp_axis=tp_axis, quant=cfg.quantize)
         else:
             fn = functools.partial(_dropless_dispatch, num_experts=cfg.num_experts, ep=ep,
-                                   ep_axis=ep_axis, tp_axis=tp_axis)
+                                   ep_axis=ep_axis, tp_axis=tp_axis, quant=cfg.quantize)
         if mesh.empty:
             return fn(x, experts, weights, valid, w)
         # Each device works on the tokens it holds (rows replicated over some axis are simply

@@ -137,6 +137,8 @@ class Transformer(nnx.Module):
         V, D, pdt = cfg.padded_vocab_size, cfg.embed_dim, jnp.dtype(cfg.param_dtype)
         self.vocab_size = cfg.vocab_size  # rows from here to V are padding, never predicted
         self.dtype = jnp.dtype(cfg.dtype)
+        # the output layer's matmul quantized too only when asked (maxgpt/quantize.py)
+        self.output_quant = cfg.quantize if cfg.quantize_output else "none"
         self.dropout = cfg.dropout
         self.remat = cfg.remat
         self.unroll = cfg.unroll_layers
@@ -246,7 +248,8 @@ class Transformer(nnx.Module):
         `weights`: `output_weights()`, if already at hand."""
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = matmul(x, self.output_weights() if weights is None else weights)  # (B, T, V)
+        weights = self.output_weights() if weights is None else weights
+        logits = matmul(x, weights, quant=self.output_quant)  # (B, T, V)
         logits = logits.astype(jnp.float32)
         if logits.shape[-1] > self.vocab_size:  # a finite mask: exp() gives exactly 0, no NaN
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -1e9)

@@ -1,0 +1,221 @@
+"""Quantization, both kinds, with qwix (Google's JAX quantization library, what MaxText uses).
+
+Training (`model.quantize: int8 | fp8`): every weight matmul of attention, the MLP and the
+experts runs as a quantized dot — activations per token and weights per output channel, both
+int8 (or fp8 e4m3) with absmax scales — through qwix's `dot_general_qt`, whose custom
+gradient uses the quantized forward operands (a straight-through estimator: the rounding is
+treated as the identity). On TPU the int8 x int8 dots accumulate in int32 on the MXU; on CPU
+XLA emulates them (no speed gain, measured in docs/benchmarks.md). Master weights, the
+optimizer, embeddings, norms, the router and (unless `model.quantize_output`) the output
+layer stay in their dtypes.
+
+Inference (`maxgpt generate/eval --quantize int8 | int4`): weight-only. Each matmul weight
+becomes a qwix `QArray` (int8 or int4 values and float scales, per output channel or per
+group of `--quantize-group` inputs); the model's matmuls (`layers.matmul`, the experts' via
+`weight`) dequantize them where they are used, so the device holds the low-bit values.
+
+Why qwix's core ops rather than its `QtProvider` (interception of calls by module path): every
+weight matmul here already passes through one function (`maxgpt/model/layers.py::matmul`, and
+the experts' dots in `maxgpt/model/moe.py`), so calling the quantized dot there is explicit,
+works unchanged inside the layer scan, remat, the pipeline's shard_map and the MoE dispatch,
+and patches nothing at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import qwix
+from jax.sharding import NamedSharding, PartitionSpec as P
+# qwix's quantized dot_general / ragged_dot with straight-through gradients (what its
+# QtProvider calls); qwix is pinned to a minor version in setup.cfg for these paths.
+from qwix._src.core import qarray as _qarray
+from qwix._src.core.dot_general_qt import DotGeneralQtConfig, dot_general_qt
+from qwix._src.core.ragged_dot_qt import RaggedDotQtConfig, ragged_dot_qt
+
+from maxgpt.config import ConfigError
+from maxgpt.sharding import platform
+
+TRAINING = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}  # model.quantize (besides none)
+WEIGHTS = {"int8": jnp.int8, "int4": jnp.int4}  # --quantize of generate/eval
+WEIGHT_BITS = {"int8": 8, "int4": 4}
+
+# The matmul weights quantized for inference, by parameter name, and the logical axes each
+# one contracts with its input (the rest are output channels or stacked layers/experts).
+CONTRACTING = {"q_proj": ("embed",), "k_proj": ("embed",), "v_proj": ("embed",),
+               "o_proj": ("heads", "head_dim"), "up_proj": ("embed",),
+               "gate_proj": ("embed",), "down_proj": ("mlp",)}
+
+QArray = qwix.QArray
+
+
+def _reduced_across(axis: str | None):
+    """A calibration hook: absmax statistics taken over the shards of a contracting axis that
+    a shard_map splits over mesh axis `axis` (the experts' down projection under tensor
+    parallelism), so the scales are those of the whole axis, as on one device."""
+    if axis is None:
+        return None
+    return lambda calibration: {k: jax.lax.pmax(v, axis) for k, v in calibration.items()}
+
+
+def _fake_quantized(x: jax.Array, qtype, contracting, axis: str | None) -> jax.Array:
+    """x rounded to `qtype` with absmax scales over its contracting axes, back in x's dtype."""
+    how = _qarray.HowToQuantize(qtype=qtype, calibration_method="absmax", channelwise_axes=[
+        i for i in range(x.ndim) if i not in contracting])
+    calibration = _qarray.calibrate(x, how)
+    if axis is not None:
+        calibration = _reduced_across(axis)(calibration)
+    scale, zero_point = _qarray.compute_scale_zero_point(calibration, qtype)
+    return qwix.dequantize(_qarray.quantize_with_scale_zero_point(x, qtype, scale, zero_point))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _emulated_dot(x, w, dims, mode, axis):
+    return _emulated_fwd(x, w, dims, mode, axis)[0]
+
+
+def _emulated_fwd(x, w, dims, mode, axis):
+    (x_c, w_c), _ = dims
+    xq, wq = (_fake_quantized(x, TRAINING[mode], x_c, axis),
+              _fake_quantized(w, TRAINING[mode], w_c, axis))
+    return jax.lax.dot_general(xq, wq, dims), (xq, wq)
+
+
+def _emulated_bwd(dims, mode, axis, residuals, g):
+    # the gradient of the dot at the quantized operands, as qwix's dot_general_qt computes it
+    # (straight through the rounding; absmax scales are never clipped)
+    return jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), *residuals)[1](g)
+
+
+_emulated_dot.defvjp(_emulated_fwd, _emulated_bwd)
+
+
+def _quantized_dot(x, w, dims, mode, axis=None):
+    # XLA:CPU computes the int8 x int8 -> int32 dot wrongly inside some sharded programs
+    # (8 devices, (256, 64) x (64, 96): 18% of the products off by up to 255 units, while
+    # the quantized operands were identical and a one-device program was exact), and would
+    # gain no speed from it: there the quantized values are multiplied as floats, exact up
+    # to float rounding, with the same straight-through gradient.
+    if platform() == "cpu":
+        return _emulated_dot(x, w, dims, mode, axis).astype(x.dtype)
+    qtype, hook = TRAINING[mode], _reduced_across(axis)
+    config = DotGeneralQtConfig(lhs_qtype=qtype, rhs_qtype=qtype, lhs_collect_quant_stat=hook,
+                                rhs_collect_quant_stat=hook)
+    return dot_general_qt(x, w, dims, config).astype(x.dtype)
+
+
+def dot(x: jax.Array, w: jax.Array, mode: str) -> jax.Array:
+    """(M, K) @ (K, N), both operands quantized (`mode` int8 | fp8), in x's dtype."""
+    return _quantized_dot(x, w, (((1,), (0,)), ((), ())), mode)
+
+
+def batched_dot(x: jax.Array, w: jax.Array, mode: str, axis: str | None = None) -> jax.Array:
+    """(G, M, K) @ (G, K, N) -> (G, M, N), quantized; G (experts, tiles) is a batch axis:
+    every group has its own scales. `axis`: the mesh axis K is split over inside a
+    shard_map, if it is."""
+    return _quantized_dot(x, w, (((2,), (1,)), ((0,), (0,))), mode, axis)
+
+
+def ragged_dot(x: jax.Array, w: jax.Array, sizes: jax.Array, mode: str) -> jax.Array:
+    """`jax.lax.ragged_dot` (rows of x (M, K) grouped by `sizes`, times w (G, K, N)),
+    quantized."""
+    qtype = TRAINING[mode]
+    return ragged_dot_qt(x, w, sizes, RaggedDotQtConfig(lhs_qtype=qtype, rhs_qtype=qtype)
+                         ).astype(x.dtype)
+
+
+def weight(w: jax.Array | QArray, dtype) -> jax.Array:
+    """A weight in the compute dtype: quantized weights dequantized (where they are used,
+    so XLA fuses it into the consumer), others cast."""
+    if isinstance(w, QArray):
+        return qwix.dequantize(w.astype(dtype))
+    return w.astype(dtype)
+
+
+def weight_dot(x: jax.Array, w: QArray) -> jax.Array:
+    """(M, K) @ (K, N) with a quantized (K, N) weight, in x's dtype: qwix applies per-channel
+    scales to the product and per-group scales to the weight."""
+    return qwix.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ()))).astype(x.dtype)
+
+
+# --- weight-only quantization of a trained model -------------------------------------------
+
+
+def check_weights(kind: str, group: int, model_cfg) -> None:
+    """The user's error for a weight quantization that cannot be done (before a checkpoint
+    is read)."""
+    if kind not in WEIGHTS:
+        raise ConfigError(f"--quantize must be one of {', '.join(WEIGHTS)}, got {kind!r}")
+    if group < 0:
+        raise ConfigError(f"--quantize-group must be >= 0 (0: one scale per output channel), "
+                          f"got {group}")
+    widths = {"model.embed_dim": model_cfg.embed_dim, "model.mlp_dim": model_cfg.mlp_dim,
+              "head_dim (model.embed_dim / model.num_heads)": model_cfg.head_dim}
+    bad = [f"{name}={size}" for name, size in widths.items() if group and size % group]
+    if bad:
+        raise ConfigError(f"--quantize-group={group} must divide every width a weight is "
+                          f"grouped along, not {', '.join(bad)}")
+
+
+def _layout(path: tuple[str, ...], names: tuple, group: int):
+    """How the weight at `path` (logical axes `names`) is quantized: (channelwise axes, tiled
+    axes, contracting axes), or None for parameters that stay as they are (embeddings, norms,
+    biases, the router, the output layer). A scale per output channel (and per layer and
+    expert) over all inputs, or with `group` over groups of that many along the last
+    contracting axis (o_proj: one head's dims, so a group never spans two heads)."""
+    contract = CONTRACTING.get(path[-1])
+    if contract is None or not set(contract) <= set(names):
+        return None  # a bias of the same name has no contracting axis
+    axes = [i for i, n in enumerate(names) if n in contract]
+    if group:
+        return [i for i in range(len(names)) if i != axes[-1]], {axes[-1]: group}, axes
+    return [i for i in range(len(names)) if i not in axes], {}, axes
+
+
+def quantize_weights(params: dict, names: dict, kind: str, group: int, mesh) -> dict:
+    """Params (a pure dict, `sharding.param_names` beside it) with every attention, MLP and
+    expert matmul weight as a QArray of `kind` (int8 | int4): symmetric absmax scales
+    (float32). The values keep the weight's sharding; the scales are split like it except
+    along the contracting axes."""
+    qtype = WEIGHTS[kind]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    axis_names = jax.tree.leaves(names, is_leaf=lambda n: isinstance(n, tuple))
+    layouts, shardings = [], []
+    for (path, x), n in zip(leaves, axis_names):
+        layout = _layout(tuple(getattr(k, "key", k) for k in path), n, group)
+        layouts.append(layout)
+        if layout is None:
+            shardings.append(x.sharding)
+            continue
+        spec = tuple(x.sharding.spec) if isinstance(x.sharding, NamedSharding) else ()
+        spec += (None,) * (x.ndim - len(spec))
+        scale_spec = P(*(None if i in layout[2] else s for i, s in enumerate(spec)))
+        shardings.append(QArray(qvalue=NamedSharding(mesh, P(*spec)),
+                                scale=NamedSharding(mesh, scale_spec), qtype=qtype))
+
+    def work(arrays):
+        return [x if layout is None else
+                qwix.quantize(x.astype(jnp.float32), qtype, channelwise_axes=layout[0],
+                              tiled_axes=layout[1])
+                for x, layout in zip(arrays, layouts)]
+
+    done = jax.jit(work, out_shardings=shardings)([x for _, x in leaves])
+    return jax.tree_util.tree_unflatten(treedef, done)
+
+
+def weight_bytes(params: Any) -> int:
+    """Bytes the parameters take where int4 is packed two to a byte (TPU, GPU; XLA:CPU keeps
+    a byte each): values at their bit width, scales and other parameters at their dtype's."""
+    total = 0
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)):
+        if isinstance(leaf, QArray):
+            bits = 4 if leaf.qvalue.dtype == jnp.int4 else 8 * leaf.qvalue.dtype.itemsize
+            total += math.ceil(leaf.qvalue.size * bits / 8)
+            total += leaf.scale.size * leaf.scale.dtype.itemsize
+        else:
+            total += leaf.size * leaf.dtype.itemsize
+    return total
