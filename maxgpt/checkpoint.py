@@ -343,3 +343,20 @@ def load_params(path: PathLike, abstract_params: Any, shardings: Any) -> tuple[A
     finally:
         manager.close()
     return finish(restored["state"]["params"]), where
+
+
+def save_tree(path, tree: Any) -> None:
+    """A pytree of arrays (quantized weights, maxgpt/inference.py) written to `path` with
+    orbax, under a temporary name renamed when whole; every process calls it."""
+    _quiet_storage_noise()
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(as_path(path), tree)
+        writer.wait_until_finished()
+
+
+def restore_tree(path, target: Any) -> Any:
+    """What `save_tree` wrote, into `target`'s structure, shapes and shardings (a pytree of
+    jax.ShapeDtypeStruct with shardings)."""
+    _quiet_storage_noise()
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(as_path(path), target)

@@ -73,12 +73,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _quantize(args) -> tuple[str, int] | None:
+    """--quantize/--quantize-group of generate and eval: (kind, group), or None."""
+    if args.quantize is None:
+        if args.quantize_group:
+            raise ConfigError("--quantize-group needs --quantize int8 or int4")
+        return None
+    return args.quantize, args.quantize_group
+
+
+def _quantize_flags(parser) -> None:
+    parser.add_argument("--quantize", metavar="int8|int4",
+                        help="weight-only quantized attention/MLP/expert weights, saved next "
+                             "to the run on first use (docs/quantization.md)")
+    parser.add_argument("--quantize-group", type=int, default=0, metavar="G",
+                        help="with --quantize: a scale per G inputs (0: per output channel)")
+
+
 def cmd_eval(args) -> int:
     from maxgpt.inference import evaluate_checkpoint
 
     run_dir = _existing_run(args.run_dir)
     if args.tasks is None:
-        metrics = evaluate_checkpoint(run_dir, args.step, args.overrides)
+        metrics = evaluate_checkpoint(run_dir, args.step, args.overrides,
+                                      quantize=_quantize(args))
         print(json.dumps(metrics))
         return 0
     import jax
@@ -90,7 +108,8 @@ def cmd_eval(args) -> int:
     overrides = [*args.overrides, f"eval.tasks={args.tasks}"]
     cfg = run_dir.load_config(overrides)
     tasks = Tasks(cfg.eval, run_dir)  # names checked before a checkpoint is read
-    trainer, params, corpus, step = load_for_inference(run_dir, args.step, overrides)
+    trainer, params, corpus, step = load_for_inference(run_dir, args.step, overrides,
+                                                       quantize=_quantize(args))
     if corpus is None:
         raise ConfigError(f"{run_dir} trained on synthetic data: lm-eval tasks need a model "
                           "of text")
@@ -115,7 +134,8 @@ def cmd_generate(args) -> int:
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     check_sampling(**sampling)  # before a checkpoint is read
     run_dir = _existing_run(args.run_dir)
-    trainer, params, corpus, _ = load_for_inference(run_dir, args.step)
+    trainer, params, corpus, _ = load_for_inference(run_dir, args.step,
+                                                    quantize=_quantize(args))
     if corpus is None:
         raise ConfigError(f"{run_dir} trained on synthetic data: there is no tokenizer")
     prompts = [[BOS_ID, *corpus.tokenizer.encode(p)] for p in args.prompt]
@@ -407,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
                           help="e.g. train.eval_steps=100, eval.limit=100, "
                                "eval.include_path=DIR")
+    _quantize_flags(evaluate)
     evaluate.set_defaults(func=cmd_eval, distributed=True)
 
     gen = commands.add_parser("generate", help="complete prompts with a trained model")
@@ -419,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no cut")
     gen.add_argument("--seed", type=int, default=0)
+    _quantize_flags(gen)
     gen.set_defaults(func=cmd_generate, distributed=True)
 
     exp = commands.add_parser("export", help="a Hugging Face model folder from a checkpoint")

@@ -176,35 +176,57 @@ def _layout(path: tuple[str, ...], names: tuple, group: int):
     return [i for i in range(len(names)) if i not in axes], {}, axes
 
 
-def quantize_weights(params: dict, names: dict, kind: str, group: int, mesh) -> dict:
-    """Params (a pure dict, `sharding.param_names` beside it) with every attention, MLP and
-    expert matmul weight as a QArray of `kind` (int8 | int4): symmetric absmax scales
-    (float32). The values keep the weight's sharding; the scales are split like it except
-    along the contracting axes."""
-    qtype = WEIGHTS[kind]
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+def _plan(names: dict, shardings: dict, kind: str, group: int):
+    """Per parameter leaf (in tree order): its `_layout` and the sharding of what it becomes,
+    and the tree's structure. A QArray's values keep the weight's sharding; its scales are
+    split like it except along the contracting axes."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shardings)
     axis_names = jax.tree.leaves(names, is_leaf=lambda n: isinstance(n, tuple))
-    layouts, shardings = [], []
-    for (path, x), n in zip(leaves, axis_names):
+    layouts, out = [], []
+    for (path, where), n in zip(leaves, axis_names):
         layout = _layout(tuple(getattr(k, "key", k) for k in path), n, group)
         layouts.append(layout)
         if layout is None:
-            shardings.append(x.sharding)
+            out.append(where)
             continue
-        spec = tuple(x.sharding.spec) if isinstance(x.sharding, NamedSharding) else ()
-        spec += (None,) * (x.ndim - len(spec))
+        spec = tuple(where.spec) + (None,) * (len(n) - len(where.spec))
         scale_spec = P(*(None if i in layout[2] else s for i, s in enumerate(spec)))
-        shardings.append(QArray(qvalue=NamedSharding(mesh, P(*spec)),
-                                scale=NamedSharding(mesh, scale_spec), qtype=qtype))
+        out.append(QArray(qvalue=where, scale=NamedSharding(where.mesh, scale_spec),
+                          qtype=WEIGHTS[kind]))
+    return layouts, out, treedef
 
+
+def _quantizer(layouts, kind):
     def work(arrays):
         return [x if layout is None else
-                qwix.quantize(x.astype(jnp.float32), qtype, channelwise_axes=layout[0],
+                qwix.quantize(x.astype(jnp.float32), WEIGHTS[kind], channelwise_axes=layout[0],
                               tiled_axes=layout[1])
                 for x, layout in zip(arrays, layouts)]
+    return work
 
-    done = jax.jit(work, out_shardings=shardings)([x for _, x in leaves])
-    return jax.tree_util.tree_unflatten(treedef, done)
+
+def quantize_weights(params: dict, names: dict, shardings: dict, kind: str, group: int
+                     ) -> tuple[dict, dict]:
+    """Params (a pure dict in depth order; their logical axis names and NamedShardings
+    beside them) with every attention, MLP and expert matmul weight as a QArray of `kind`
+    (int8 | int4), symmetric absmax scales in float32; and the shardings of the result."""
+    layouts, out, treedef = _plan(names, shardings, kind, group)
+    done = jax.jit(_quantizer(layouts, kind), out_shardings=out)(jax.tree.leaves(params))
+    return (jax.tree_util.tree_unflatten(treedef, done),
+            jax.tree_util.tree_unflatten(treedef, out))
+
+
+def quantized_target(abstract: dict, names: dict, shardings: dict, kind: str, group: int
+                     ) -> tuple[dict, dict]:
+    """What `quantize_weights` makes of parameters of shapes `abstract`, as placed
+    ShapeDtypeStructs (a restore target), and its shardings; nothing is computed."""
+    layouts, out, treedef = _plan(names, shardings, kind, group)
+    shapes = jax.eval_shape(_quantizer(layouts, kind), jax.tree.leaves(abstract))
+    placed = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                  sharding=where),
+                          shapes, out)
+    return (jax.tree_util.tree_unflatten(treedef, placed),
+            jax.tree_util.tree_unflatten(treedef, out))
 
 
 def weight_bytes(params: Any) -> int:

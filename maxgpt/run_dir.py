@@ -7,6 +7,8 @@
     RUN/checkpoints/       orbax step directories (maxgpt/checkpoint.py)
     RUN/profile/           jax.profiler traces (train.profile_steps)
     RUN/eval/              lm-eval task results, tasks-step-<N>.json (maxgpt/harness.py)
+    RUN/quantized/         low-bit weights of a checkpoint, step-<N>-<int8|int4>-g<G>/
+                           (`--quantize` of generate/eval, maxgpt/inference.py)
     RUN/owner.json         the training job that owns the run while it runs (maxgpt/owner.py)
     RUN/.maxgpt-probes/    where each start proves every process shares RUN (left empty)
 
@@ -92,6 +94,11 @@ class RunDir:
     @property
     def profile(self):
         return self.path / "profile"
+
+    def quantized(self, step: int, kind: str, group: int):
+        """The weights of checkpoint `step` quantized to `kind` in groups of `group` inputs
+        (0: per output channel), saved by the first `--quantize` use and read after."""
+        return self.path / "quantized" / f"step-{step}-{kind}-g{group}"
 
     def task_results(self, step: int):
         """lm-eval task results of checkpoint (or training) step `step`."""
