@@ -276,15 +276,35 @@ def cmd_params(args) -> int:
         raise ConfigError(f"--seq-len {seq_len} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
     flops = flops_per_token(cfg.model, seq_len)
+    weights = _weight_bytes(cfg)
     if args.json:
         print(json.dumps({"total": total, "active": active, "vocab_padding": padding,
-                          "flops_per_token": flops, "seq_len": seq_len}))
+                          "flops_per_token": flops, "seq_len": seq_len,
+                          "weight_bytes": weights}))
     else:
         print(f"{cfg.model.name}: total {total:,} ({_human(total)}), "
               f"active per token {active:,} ({_human(active)}); vocabulary padded to "
               f"{cfg.model.padded_vocab_size:,} rows (+{padding:,} parameters); "
               f"training {flops:.3g} FLOPs per token at sequence length {seq_len:,}")
+        print("weights: " + ", ".join(f"{kind} {n / 2**30:.3g} GiB" for kind, n in
+                                      weights.items()) +
+              " (--quantize of generate/eval: matmul weights only, scales per output "
+              "channel, int4 packed)")
     return 0
+
+
+def _weight_bytes(cfg) -> dict[str, int]:
+    """Bytes of the model's weights in model.param_dtype and quantized for inference."""
+    from flax import nnx
+
+    from maxgpt.quantize import WEIGHTS, planned_bytes
+    from maxgpt.sharding import param_names
+    from maxgpt.train import abstract_model
+
+    abstract = abstract_model(cfg)[1]
+    shapes, names = nnx.to_pure_dict(abstract), param_names(abstract)
+    return {cfg.model.param_dtype: planned_bytes(shapes, names, None),
+            **{kind: planned_bytes(shapes, names, kind) for kind in WEIGHTS}}
 
 
 def cmd_plan(args) -> int:

@@ -229,6 +229,25 @@ def quantized_target(abstract: dict, names: dict, shardings: dict, kind: str, gr
             jax.tree_util.tree_unflatten(treedef, out))
 
 
+def planned_bytes(abstract: dict, names: dict, kind: str | None, group: int = 0) -> int:
+    """Bytes `quantize_weights` would make of parameters of shapes `abstract` (a pure dict;
+    None: as they are), int4 counted packed: for `maxgpt params`, with nothing allocated."""
+    total = 0
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    axis_names = jax.tree.leaves(names, is_leaf=lambda n: isinstance(n, tuple))
+    for (path, x), n in zip(leaves, axis_names):
+        layout = None if kind is None else _layout(tuple(getattr(k, "key", k) for k in path),
+                                                   n, group)
+        if layout is None:
+            total += x.size * x.dtype.itemsize
+            continue
+        channelwise, tiled, _ = layout
+        scales = math.prod(x.shape[i] for i in channelwise) * math.prod(
+            x.shape[a] // t for a, t in tiled.items())
+        total += math.ceil(x.size * WEIGHT_BITS[kind] / 8) + 4 * scales
+    return total
+
+
 def weight_bytes(params: Any) -> int:
     """Bytes the parameters take where int4 is packed two to a byte (TPU, GPU; XLA:CPU keeps
     a byte each): values at their bit width, scales and other parameters at their dtype's."""

@@ -193,6 +193,11 @@ def test_moe_parameter_counts(preset, total, active):
     counts = json.loads(out)
     assert counts["total"] == train.count_params(cfg)
     assert counts["total"] == pytest.approx(total, rel=0.02)
+    # for inference: float32, or int8/int4 matmul weights (~all of a MoE) and float scales
+    weights = counts["weight_bytes"]
+    assert weights["float32"] == 4 * (counts["total"] + counts["vocab_padding"])
+    assert 0.25 < weights["int8"] / weights["float32"] < 0.26
+    assert 0.125 < weights["int4"] / weights["float32"] < 0.135
     if active:
         assert counts["active"] == pytest.approx(active, rel=0.01)
     # active = total minus the experts a token skips, counted from the parameter shapes

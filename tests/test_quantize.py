@@ -206,6 +206,9 @@ def test_decoding_with_quantized_weights_equals_their_full_forward_pass(kind, gr
                                                kind, group)
     leaves = jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, quantize.QArray))
     assert sum(isinstance(x, quantize.QArray) for x in leaves) == 7  # q k v o up gate down
+    # `maxgpt params` counts without quantizing what quantizing gives
+    assert quantize.weight_bytes(qparams) == quantize.planned_bytes(params, names, kind, group)
+    assert quantize.planned_bytes(params, names, None) == quantize.weight_bytes(params)
     qmodel = nnx.merge(graphdef, qparams)
     tokens = jnp.asarray([PROMPTS[0]])
     positions = jnp.arange(tokens.shape[1])[None]
