@@ -63,7 +63,9 @@ def _reduced_across(axis: str | None):
 
 
 def _fake_quantized(x: jax.Array, qtype, contracting, axis: str | None) -> jax.Array:
-    """x rounded to `qtype` with absmax scales over its contracting axes, back in x's dtype."""
+    """x rounded to `qtype` with absmax scales over its contracting axes, in float32 (exact
+    products of the quantized values, as the int8 dot's int32 sums are)."""
+    x = x.astype(jnp.float32)
     how = _qarray.HowToQuantize(qtype=qtype, calibration_method="absmax", channelwise_axes=[
         i for i in range(x.ndim) if i not in contracting])
     calibration = _qarray.calibrate(x, how)
@@ -82,13 +84,17 @@ def _emulated_fwd(x, w, dims, mode, axis):
     (x_c, w_c), _ = dims
     xq, wq = (_fake_quantized(x, TRAINING[mode], x_c, axis),
               _fake_quantized(w, TRAINING[mode], w_c, axis))
-    return jax.lax.dot_general(xq, wq, dims), (xq, wq)
+    dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))  # the gradients' dtypes
+    return jax.lax.dot_general(xq, wq, dims).astype(x.dtype), (xq, wq, dtypes)
 
 
 def _emulated_bwd(dims, mode, axis, residuals, g):
     # the gradient of the dot at the quantized operands, as qwix's dot_general_qt computes it
     # (straight through the rounding; absmax scales are never clipped)
-    return jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), *residuals)[1](g)
+    xq, wq, dtypes = residuals
+    grads = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), xq, wq)[1](
+        g.astype(jnp.float32))
+    return tuple(d.astype(t.dtype) for d, t in zip(grads, dtypes))
 
 
 _emulated_dot.defvjp(_emulated_fwd, _emulated_bwd)
