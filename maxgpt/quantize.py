@@ -5,7 +5,8 @@ experts runs as a quantized dot — activations per token and weights per output
 int8 (or fp8 e4m3) with absmax scales — through qwix's `dot_general_qt`, whose custom
 gradient uses the quantized forward operands (a straight-through estimator: the rounding is
 treated as the identity). On TPU the int8 x int8 dots accumulate in int32 on the MXU; on CPU
-XLA emulates them (no speed gain, measured in docs/benchmarks.md). Master weights, the
+the quantized values are multiplied as float32 products instead (`_quantized_dot` says why;
+no speed gain there either way, docs/benchmarks.md). Master weights, the
 optimizer, embeddings, norms, the router and (unless `model.quantize_output`) the output
 layer stay in their dtypes.
 
