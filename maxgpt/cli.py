@@ -141,7 +141,7 @@ def cmd_generate(args) -> int:
     prompts = [[BOS_ID, *corpus.tokenizer.encode(p)] for p in args.prompt]
     with jax.set_mesh(trainer.mesh):
         completions = generate(trainer.graphdef, trainer.natural_params(params),
-                               trainer.cfg.model, prompts, **sampling)
+                               trainer.cfg.model, prompts, kv_cache=args.kv_cache, **sampling)
     for prompt, ids in zip(args.prompt, completions):
         print(prompt + corpus.tokenizer.decode(ids))
     return 0
@@ -461,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no cut")
     gen.add_argument("--seed", type=int, default=0)
     _quantize_flags(gen)
+    gen.add_argument("--kv-cache", choices=("model", "int8"), default="model",
+                     help="keys and values cached in the compute dtype, or int8 with a scale "
+                          "per token and head")
     gen.set_defaults(func=cmd_generate, distributed=True)
 
     exp = commands.add_parser("export", help="a Hugging Face model folder from a checkpoint")

@@ -26,11 +26,18 @@ from maxgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from maxgpt.sharding import constrain
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, length: int, kind: str = "model") -> dict:
+    """An empty KV cache: keys and values in the compute dtype (`model`), or `int8` with a
+    float32 scale per token and head (a quarter of float32's bytes, plus 1/head_dim)."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype),
-            "positions": jnp.full((batch, length), -1, jnp.int32),
-            "start": jnp.zeros((), jnp.int32)}
+    dtype = jnp.int8 if kind == "int8" else cfg.dtype
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+             "positions": jnp.full((batch, length), -1, jnp.int32),
+             "start": jnp.zeros((), jnp.int32)}
+    if kind == "int8":
+        cache.update(k_scale=jnp.ones((*shape[:-1], 1), jnp.float32),
+                     v_scale=jnp.ones((*shape[:-1], 1), jnp.float32))
+    return cache
 
 
 def choose(logits, key, *, temperature: float, top_k: int, top_p: float, allow_eos):
@@ -70,11 +77,12 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p
 def generate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, prompts: list[list[int]], *,
              max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0,
-             prompt_slots: int = 0) -> list[list[int]]:
+             prompt_slots: int = 0, kv_cache: str = "model") -> list[list[int]]:
     """Continue each prompt (token ids, bos included) by up to `max_new_tokens`; a row stops
     at eos (never before `min_new_tokens`). Returns the new ids of each row, eos excluded.
     Prompts are left-padded to at least `prompt_slots` slots, so that calls with prompts of
-    other lengths share one compiled shape (maxgpt/scoring.py)."""
+    other lengths share one compiled shape (maxgpt/scoring.py). `kv_cache`: `model` or `int8`
+    (init_cache)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, seed=seed)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -91,7 +99,7 @@ def generate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, prompts: list[lis
         positions[b, P - len(prompt):] = np.arange(len(prompt))
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     new = _run(graphdef, params, jnp.asarray(tokens), jnp.asarray(positions),
-               init_cache(cfg, B, length), jax.random.key(seed), max_new_tokens,
+               init_cache(cfg, B, length, kv_cache), jax.random.key(seed), max_new_tokens,
                min_new_tokens, tuple(sampling.items()))
     rows = []
     for row in np.asarray(new):

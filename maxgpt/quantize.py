@@ -149,6 +149,13 @@ def weight_dot(x: jax.Array, w: QArray) -> jax.Array:
     return qwix.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ()))).astype(x.dtype)
 
 
+def int8_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (..., H) as int8 values and a float32 scale (..., 1) per vector of its last axis
+    (absmax): the int8 KV cache's keys and values, a scale per token and head."""
+    q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=range(x.ndim - 1))
+    return q.qvalue, q.scale
+
+
 # --- weight-only quantization of a trained model -------------------------------------------
 
 

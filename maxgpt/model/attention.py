@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from maxgpt import quantize
 from maxgpt.config import ModelConfig
 from maxgpt.model.layers import matmul, normal, rope, zeros
 from maxgpt.sharding import axis_size, constrain, logical_to_spec, param, platform
@@ -237,6 +238,29 @@ def attention_kernel(requested: str, seq_len: int) -> str:
     return "splash" if platform() == "tpu" and tiles else "xla"
 
 
+def _write_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
+    """The cache with this call's keys and values (B, T, K, H) written at slots start..; an
+    int8 cache (one with scales) stores them rounded to int8 with a scale per token and head
+    (absmax over the head's dims)."""
+    out = {"start": cache["start"]}
+    for name, new in (("k", k), ("v", v)):
+        entries = {name: new.astype(cache[name].dtype)}
+        if f"{name}_scale" in cache:
+            values, scale = quantize.int8_vectors(new)
+            entries = {name: values, f"{name}_scale": scale}
+        for key, value in entries.items():
+            names = ("batch", "seq", "kv_heads", "head_dim" if key == name else None)
+            out[key] = constrain(jax.lax.dynamic_update_slice_in_dim(
+                cache[key], value, cache["start"], axis=1), names)
+    return out
+
+
+def _read_cache(cache: dict, name: str, dtype) -> jax.Array:
+    if f"{name}_scale" not in cache:
+        return cache[name].astype(dtype)
+    return (cache[name].astype(jnp.float32) * cache[f"{name}_scale"]).astype(dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -289,13 +313,9 @@ class Attention(nnx.Module):
                     k, v = constrain(k, WHOLE_KEYS), constrain(v, WHOLE_KEYS)
                 out = causal_attention(q, k, v, mask.dense(), blocked=mask.order is None)
         else:
-            k, v = (constrain(jax.lax.dynamic_update_slice_in_dim(
-                        cache[name], new.astype(cache[name].dtype), cache["start"], axis=1),
-                        ("batch", "seq", "kv_heads", "head_dim"))
-                    for name, new in (("k", k), ("v", v)))
-            cache = {"k": k, "v": v, "start": cache["start"]}
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                               mask=mask[:, None])
+            cache = _write_cache(cache, k, v)
+            k, v = (_read_cache(cache, name, q.dtype) for name in ("k", "v"))
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = matmul(out, self.o_proj[...], 2, self.quant)  # (B, T, N, H) x (N, H, D)
         if self.o_bias is not None:

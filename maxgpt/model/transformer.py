@@ -203,7 +203,8 @@ class Transformer(nnx.Module):
 
     def decode(self, tokens, positions, cache):
         """The forward pass with a kv cache (generation): tokens, positions (B, T), written at
-        cache slots start..start+T-1. `cache`: {"k", "v": (L, B, S, K, H), "positions": (B, S)
+        cache slots start..start+T-1. `cache`: {"k", "v": (L, B, S, K, H) (int8 with "k_scale",
+        "v_scale" (L, B, S, K, 1) in an int8 cache), "positions": (B, S)
         position held by each slot, -1 for empty or padding, "start": int}. A query sees the
         filled slots at or before its own position (within the layer's window). Positions -1
         mark left padding. Returns (logits (B, T, V) fp32, the updated cache)."""
@@ -214,18 +215,23 @@ class Transformer(nnx.Module):
         visible = (key_positions[:, None, :] >= 0) & (distance >= 0)
         x = self.embed_tokens(tokens, jnp.maximum(positions, 0))
 
-        def layer(block, x, per_layer):
-            window, k, v = per_layer
+        # per layer: keys and values, and their scales in an int8 cache (generate.init_cache)
+        per_layer = {name: cache[name] for name in ("k", "v", "k_scale", "v_scale")
+                     if name in cache}
+
+        def layer(block, x, inputs):
+            window, entries = inputs
             mask = visible & ((window <= 0) | (distance < window))
-            x, _, new = block(x, mask, positions, None,
-                              {"k": k, "v": v, "start": cache["start"]}, positions >= 0)
-            return x, (new["k"], new["v"])
+            x, _, new = block(x, mask, positions, None, {**entries, "start": cache["start"]},
+                              positions >= 0)
+            return x, {name: new[name] for name in entries}
 
         x, outputs = self._scan_layers(
-            layer, x, (jnp.asarray(self.windows, jnp.int32), cache["k"], cache["v"]))
+            layer, x, (jnp.asarray(self.windows, jnp.int32), per_layer))
         # n positions of (G, ...) -> (G, n, ...) -> layers in order (L, ...)
-        k, v = (jnp.stack(a, axis=1).reshape(cache["k"].shape) for a in zip(*outputs))
-        return self.logits(x), {"k": k, "v": v, "positions": key_positions,
+        updated = {name: jnp.stack([o[name] for o in outputs], axis=1).reshape(
+            cache[name].shape) for name in per_layer}
+        return self.logits(x), {**updated, "positions": key_positions,
                                  "start": cache["start"] + T}
 
     def embed_tokens(self, tokens, positions, dropout_key=None):
