@@ -38,10 +38,18 @@ def test_params_cli_json():
                           "configs/models/llama3-8b.yaml"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     counts = json.loads(out)
-    assert counts == {"total": 8030261248, "active": 8030261248, "vocab_padding": 0,
+    # inference weights: the matmul weights (q, o: D x D; k, v: D x 1024; up, gate, down:
+    # D x F) at 1 or 1/2 byte with a float32 scale per output channel, the rest float32
+    L, D, F, total = 32, 4096, 14336, 8030261248
+    matmul = L * (2 * D * D + 2 * D * 1024 + 3 * D * F)
+    scales = L * (D + 2 * 1024 + D + 2 * F + D)
+    rest = 4 * (total - matmul) + 4 * scales
+    assert counts == {"total": total, "active": total, "vocab_padding": 0,
                       "flops_per_token": flops_per_token(load_config(
                           f"{REPO}/configs/models/llama3-8b.yaml").model, 8192),
-                      "seq_len": 8192}
+                      "seq_len": 8192, "weight_bytes": {"float32": 4 * total,
+                                                        "int8": matmul + rest,
+                                                        "int4": matmul // 2 + rest}}
 
 
 def test_vocabulary_padding_is_excluded_from_counts_but_allocated():
