@@ -37,6 +37,8 @@ from maxgpt.config import load_config  # noqa: E402
 from maxgpt.generate import generate  # noqa: E402
 from maxgpt.model import Transformer  # noqa: E402
 
+from decode_throughput import timed  # noqa: E402  (benchmarks/ is on sys.path as a script)
+
 TRAIN = {"float32": [], "bfloat16": ["model.dtype=bfloat16"],
          "int8": ["model.dtype=bfloat16", "model.quantize=int8"],
          "fp8": ["model.dtype=bfloat16", "model.quantize=fp8"]}
@@ -96,13 +98,7 @@ def decode(repeats: int = 3) -> dict:
                 generate(graphdef, p, model_cfg, prompts.tolist(), max_new_tokens=64,
                          temperature=0, min_new_tokens=64)
 
-            run()  # compile
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            out[f"{name}_batch{batch}_tokens_per_sec"] = batch * 64 / statistics.median(times)
+            out[f"{name}_batch{batch}_tokens_per_sec"] = batch * 64 / timed(run, repeats)
         out[f"{name}_weight_bytes"] = quantize.weight_bytes(p)
         print(name, {k: v for k, v in out.items() if k.startswith(name)}, flush=True)
     return out
