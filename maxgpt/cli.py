@@ -262,6 +262,7 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_params(args) -> int:
+    from maxgpt.compile import weight_bytes
     from maxgpt.flops import flops_per_token
     from maxgpt.train import active_params, count_params, vocab_padding_params
 
@@ -276,7 +277,7 @@ def cmd_params(args) -> int:
         raise ConfigError(f"--seq-len {seq_len} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
     flops = flops_per_token(cfg.model, seq_len)
-    weights = _weight_bytes(cfg)
+    weights = weight_bytes(cfg)
     if args.json:
         print(json.dumps({"total": total, "active": active, "vocab_padding": padding,
                           "flops_per_token": flops, "seq_len": seq_len,
@@ -291,20 +292,6 @@ def cmd_params(args) -> int:
               " (--quantize of generate/eval: matmul weights only, scales per output "
               "channel, int4 packed)")
     return 0
-
-
-def _weight_bytes(cfg) -> dict[str, int]:
-    """Bytes of the model's weights in model.param_dtype and quantized for inference."""
-    from flax import nnx
-
-    from maxgpt.quantize import WEIGHTS, planned_bytes
-    from maxgpt.sharding import param_names
-    from maxgpt.train import abstract_model
-
-    abstract = abstract_model(cfg)[1]
-    shapes, names = nnx.to_pure_dict(abstract), param_names(abstract)
-    return {cfg.model.param_dtype: planned_bytes(shapes, names, None),
-            **{kind: planned_bytes(shapes, names, kind) for kind in WEIGHTS}}
 
 
 def cmd_plan(args) -> int:
@@ -385,8 +372,13 @@ def cmd_compile(args) -> int:
             print(f"  to fit: {report.hint}")
         print(f"  training FLOPs per step: {report.flops_per_step:.3g} (maxgpt/flops.py)")
         if cfg.model.quantize != "none":
-            print(f"  model.quantize={cfg.model.quantize}: {report.quantized_dots} dots on "
-                  "quantized operands in the optimised program")
+            print(f"  model.quantize={cfg.model.quantize}: " + (
+                "quantized dots not counted (the compiler stopped: out of HBM)"
+                if report.quantized_dots is None else
+                f"{report.quantized_dots} dots on quantized operands in the optimised program"))
+        print("  weights for generate/eval per device: " + ", ".join(
+            f"{kind} {n / gib:.3g} GiB" for kind, n in report.weight_bytes.items())
+            + " (--quantize int8|int4)")
     return 0 if report.fits else 3
 
 

@@ -47,7 +47,11 @@ class CompileReport:
     compile_s: float
     pipeline: str  # the pipeline schedule and its bubble (mesh.stage > 1), else ""
     state_bytes: int  # per device: weights and optimizer state (part of the arguments)
-    quantized_dots: int = 0  # dots of the optimised program on int8/fp8 operands (model.quantize)
+    # dots of the optimised program on int8/fp8 operands (model.quantize); None when the
+    # compiler stopped for want of HBM (no program to count in)
+    quantized_dots: int | None = 0
+    # one device's weights for generate/eval: in model.param_dtype and quantized (weight_bytes)
+    weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes_per_device(self) -> int:
@@ -112,7 +116,7 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
         devices=len(devices), mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes,
         flops_per_step=flops_per_token(cfg.model, cfg.train.seq_len) * tokens,
         pipeline="" if trainer.schedule is None else trainer.schedule.describe(),
-        state_bytes=state_bytes)
+        state_bytes=state_bytes, weight_bytes=weight_bytes(cfg, trainer.param_shardings))
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         try:
@@ -127,7 +131,7 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
                 batch, [trainer.batch_sharding] * len(batch))
             return report(argument_bytes=args, output_bytes=0, alias_bytes=0,
                           temp_bytes=int(temp), code_bytes=0,
-                          compile_s=time.perf_counter() - start)
+                          compile_s=time.perf_counter() - start, quantized_dots=None)
         seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     return report(argument_bytes=memory.argument_size_in_bytes,
@@ -135,6 +139,28 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
                   alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                   code_bytes=memory.generated_code_size_in_bytes, compile_s=seconds,
                   quantized_dots=quantized_dots(compiled.as_text()))
+
+
+def weight_bytes(cfg: Config, shardings: dict | None = None) -> dict[str, int]:
+    """Bytes of the model's weights in model.param_dtype and quantized as `maxgpt generate/
+    eval --quantize int8|int4` would (matmul weights, scales per output channel, int4
+    packed), nothing allocated: of the whole model, or with `shardings` (the parameters'
+    on a mesh, `Trainer.param_shardings`) of one device's shard (scales are split like the
+    output channels of their weight, and whole where only its contracted axis is split, as
+    `quantize.quantize_weights` places them)."""
+    from flax import nnx
+
+    from maxgpt.quantize import WEIGHTS, planned_bytes
+    from maxgpt.sharding import param_names
+    from maxgpt.train import abstract_model
+
+    abstract = abstract_model(cfg)[1]
+    shapes, names = nnx.to_pure_dict(abstract), param_names(abstract)
+    if shardings is not None:
+        shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(s.shard_shape(x.shape),
+                                                                x.dtype), shapes, shardings)
+    return {cfg.model.param_dtype: planned_bytes(shapes, names, None),
+            **{kind: planned_bytes(shapes, names, kind) for kind in WEIGHTS}}
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[")

@@ -54,13 +54,28 @@ CONTRACTING = {"q_proj": ("embed",), "k_proj": ("embed",), "v_proj": ("embed",),
 QArray = qwix.QArray
 
 
-def _reduced_across(axis: str | None):
-    """A calibration hook: absmax statistics taken over the shards of a contracting axis that
-    a shard_map splits over mesh axis `axis` (the experts' down projection under tensor
-    parallelism), so the scales are those of the whole axis, as on one device."""
-    if axis is None:
+def _calibration(qtype, axis: str | None):
+    """A calibration hook for qwix's absmax statistics, or None when there is nothing to do.
+
+    int8: qwix's scale is absmax / 127.5 with values clipped to [-128, 127], so an extreme
+    lands exactly on a rounding boundary (+-127.5), and a negative one goes to -127 or -128
+    depending on how XLA happened to round the division: the same model then quantizes
+    differently on one device and on a mesh. Scaled by 127.5 / 127, every extreme lands on
+    +-127 (half a level of resolution given up for reproducible rounding).
+    `axis`: a mesh axis that a shard_map splits the contracting axis over (the experts' down
+    projection under tensor parallelism): absmax over its shards (pmax), so the scales are
+    those of the whole axis, as on one device."""
+    widen = qtype == jnp.int8
+    if not widen and axis is None:
         return None
-    return lambda calibration: {k: jax.lax.pmax(v, axis) for k, v in calibration.items()}
+
+    def hook(calibration):
+        if axis is not None:
+            calibration = {k: jax.lax.pmax(v, axis) for k, v in calibration.items()}
+        if widen:
+            calibration = {k: v * (127.5 / 127) for k, v in calibration.items()}
+        return calibration
+    return hook
 
 
 def _fake_quantized(x: jax.Array, qtype, contracting, axis: str | None) -> jax.Array:
@@ -70,8 +85,8 @@ def _fake_quantized(x: jax.Array, qtype, contracting, axis: str | None) -> jax.A
     how = _qarray.HowToQuantize(qtype=qtype, calibration_method="absmax", channelwise_axes=[
         i for i in range(x.ndim) if i not in contracting])
     calibration = _qarray.calibrate(x, how)
-    if axis is not None:
-        calibration = _reduced_across(axis)(calibration)
+    if (hook := _calibration(qtype, axis)) is not None:
+        calibration = hook(calibration)
     scale, zero_point = _qarray.compute_scale_zero_point(calibration, qtype)
     return qwix.dequantize(_qarray.quantize_with_scale_zero_point(x, qtype, scale, zero_point))
 
@@ -109,7 +124,8 @@ def _quantized_dot(x, w, dims, mode, axis=None):
     # to float rounding, with the same straight-through gradient.
     if platform() == "cpu":
         return _emulated_dot(x, w, dims, mode, axis).astype(x.dtype)
-    qtype, hook = TRAINING[mode], _reduced_across(axis)
+    qtype = TRAINING[mode]
+    hook = _calibration(qtype, axis)
     config = DotGeneralQtConfig(lhs_qtype=qtype, rhs_qtype=qtype, lhs_collect_quant_stat=hook,
                                 rhs_collect_quant_stat=hook)
     return dot_general_qt(x, w, dims, config).astype(x.dtype)

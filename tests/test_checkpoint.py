@@ -21,7 +21,7 @@ from maxgpt import loop, train
 from maxgpt.config import ConfigError
 from maxgpt.data import SyntheticSource
 from maxgpt.storage import as_path
-from tests.conftest import REPO, make_config
+from tests.conftest import REPO, make_config, no_compile_cache
 
 STEPS = 30
 # The smoke run (tiny model, built-in corpus, 512-piece tokenizer), saving every step.
@@ -322,7 +322,7 @@ def test_signals_during_the_first_compile_are_heard_at_once(tmp_path):
     def start(run_dir):
         proc = subprocess.Popen(
             [sys.executable, "-m", "maxgpt", "train", "--run-dir", str(run_dir), *ARGS,
-             "model.num_layers=24", "model.unroll_layers=-1"], cwd=REPO,
+             "model.num_layers=24", "model.unroll_layers=-1"], cwd=REPO, env=no_compile_cache(),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for line in proc.stderr:  # the line printed just before the compile starts
             if line.startswith("maxgpt: tiny,"):

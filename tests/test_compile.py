@@ -40,6 +40,20 @@ def test_llama3_70b_does_not_fit_on_v5e_8(capsys):
     assert code == 3 and not out["fits"]
     assert out["bytes_per_device"] > 70.5e9 * 12 / 8 > out["hbm_bytes"]
     assert "pipeline stages (mesh.stage)" in out["hint"]  # the weights alone do not fit
+    assert out["quantized_dots"] is None  # the compiler stopped: no program to count dots in
+    # each chip's weights for generate/eval, float32, int8 and int4 (packed), against the
+    # whole model's as `maxgpt params` counts them (tested against arithmetic in test_params):
+    # an eighth, but the 161 RMSNorm scales (8192 float32 each) are whole on every chip, and
+    # quantized, so are the scales of the matmuls whose embed (contracted) axis fsdp splits:
+    # q/k/v/up/gate, 80 layers x (8192 + 2 x 1024 + 2 x 28672) float32
+    code = main(["params", "--json", "--config", "configs/models/llama3-70b.yaml"])
+    whole = json.loads(capsys.readouterr().out)["weight_bytes"]
+    assert set(out["weight_bytes"]) == set(whole) == {"float32", "int8", "int4"}
+    norms = 161 * 8192 * 4 * 7 / 8
+    assert out["weight_bytes"]["float32"] == whole["float32"] / 8 + norms
+    scales = 80 * (8192 + 2 * 1024 + 2 * 28672) * 4 * 7 / 8
+    for kind in ("int8", "int4"):
+        assert out["weight_bytes"][kind] == whole[kind] / 8 + norms + scales, kind
 
 
 @pytest.mark.slow  # about 70 s of XLA:TPU compilation on 2 cores

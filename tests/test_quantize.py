@@ -19,11 +19,11 @@ ONE = jax.devices()[:1]
 
 
 def rounded(a, axis):
-    """Symmetric int8 with a scale per slice along `axis`: absmax / 127.5 (the top bucket
-    [126.5, 127.5) used in full), rounded half to even, clipped to [-128, 127]."""
-    a = np.asarray(a, np.float32)  # x / scale in float32, as on the device: which side of
-    scale = np.abs(a).max(axis, keepdims=True) / np.float32(127.5)  # .5 a value rounds to
-    return np.clip(np.round(a / scale), -128, 127).astype(np.float64) * scale
+    """Symmetric int8 with a scale per slice along `axis`: absmax / 127 (every extreme lands
+    on +-127), rounded half to even."""
+    a = np.asarray(a, np.float64)
+    scale = np.abs(a).max(axis, keepdims=True) / 127
+    return np.round(a / scale) * scale
 
 
 def reference_dot(x, w):
@@ -37,10 +37,8 @@ def test_int8_dot_and_its_gradient_equal_a_reference_on_any_layout():
     gradient of the product at the rounded operands). The same on one device and with the
     rows, or the contracted axis, split over devices (absmax over the whole axis)."""
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    # every row's (x) and column's (w) extreme is positive: a negative extreme lands on
-    # exactly -127.5, which float rounding sends to -127 or to -128
-    x = jax.random.normal(kx, (64, 48)).at[:, 0].set(5.0)
-    w = (jax.random.normal(kw, (48, 40)) * 0.1).at[0].set(0.5)
+    x = jax.random.normal(kx, (64, 48)).at[::2, 0].set(-5.0)  # rows with a negative extreme
+    w = jax.random.normal(kw, (48, 40)) * 0.1
     g = jax.random.normal(kg, (64, 40))
     y_ref, xq, wq = reference_dot(x, w)
     fn = jax.jit(jax.value_and_grad(lambda x, w: (quantize.dot(x, w, "int8") * g).sum(),
@@ -94,22 +92,27 @@ def distance(a, b):  # the largest relative L2 distance over the parameters
     return max(float(np.linalg.norm(x - y) / np.linalg.norm(y)) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("preset,mesh", [
+@pytest.mark.parametrize("preset,overrides", [
     ("tiny", ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")),
     ("tiny-moe", ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2")),
+    ("tiny", ("mesh.stage=2", "mesh.fsdp=2", "mesh.data=2")),  # pipeline
+    ("tiny", ("mesh.context=2", "mesh.fsdp=4", "mesh.data=1")),  # sequences split
+    ("tiny", ("mesh.fsdp=8", "mesh.data=1", "model.remat=full")),  # recomputed backward
+    ("tiny", ("mesh.fsdp=4", "mesh.data=2", "model.remat=dots_offload")),
+    ("tiny-moe", ("mesh.data=2", "mesh.expert=4", "model.moe_dispatch=capacity")),
 ])
-def test_int8_training_on_a_3d_mesh_equals_one_device(preset, mesh):
-    """Every quantized dot equals one device's (the test above), but the model's float sums
-    reorder across devices, and a value within rounding noise of a .5 boundary rounds the
-    other way: the sharded int8 gradient is measured 0.46% (dense) / 0.61% (MoE) from one
-    device's, the int8 one 1.7-1.8% from the float one's; the float model's sharded
-    gradient is within 5e-7. Asserted: the sharded int8 gradient is far closer to one
-    device's int8 than float is (per-shard scales in the experts measured 8.7%)."""
-    one = gradients(preset, "mesh.data=1", "model.quantize=int8", devices=ONE)
-    float_one = gradients(preset, "mesh.data=1", devices=ONE)
-    sharded = gradients(preset, *mesh, "model.quantize=int8")
+def test_int8_training_on_any_mesh_equals_one_device(preset, overrides):
+    """Every quantized dot equals one device's (the test above), so the int8 gradient on a
+    mesh (every axis, remat policy and MoE dispatch) is one device's up to float summation
+    order: measured 3e-7..5e-7, as for the float model; int8 is 1.7% (dense) / 5% (MoE)
+    from float. (With qwix's own int8 scale, absmax / 127.5, negative extremes rounded to
+    -127 or -128 by chance and the mesh's gradient was 0.5-1% off.)"""
+    model = [o for o in overrides if o.startswith("model.")]
+    one = gradients(preset, "mesh.data=1", "model.quantize=int8", *model, devices=ONE)
+    float_one = gradients(preset, "mesh.data=1", *model, devices=ONE)
+    sharded = gradients(preset, *overrides, "model.quantize=int8")
     assert distance(float_one, one) > 0.01  # quantization is on
-    assert distance(sharded, one) < 0.5 * distance(float_one, one)
+    assert distance(sharded, one) < 5e-6
 
 
 def test_fp8_trains_without_non_finite_steps():
