@@ -90,10 +90,19 @@ def _quantize_flags(parser) -> None:
                         help="with --quantize: a scale per G inputs (0: per output channel)")
 
 
+def _kv_cache_flag(parser, where: str = "") -> None:
+    parser.add_argument("--kv-cache", choices=("model", "int8"), default="model",
+                        help="keys and values cached in the compute dtype, or int8 with a "
+                             "scale per token and head" + where)
+
+
 def cmd_eval(args) -> int:
     from maxgpt.inference import evaluate_checkpoint
 
     run_dir = _existing_run(args.run_dir)
+    if args.tasks is None and args.kv_cache != "model":
+        raise ConfigError("--kv-cache is for generation: it needs --tasks (held-out loss "
+                          "reads no cache)")
     if args.tasks is None:
         metrics = evaluate_checkpoint(run_dir, args.step, args.overrides,
                                       quantize=_quantize(args))
@@ -107,7 +116,7 @@ def cmd_eval(args) -> int:
 
     overrides = [*args.overrides, f"eval.tasks={args.tasks}"]
     cfg = run_dir.load_config(overrides)
-    tasks = Tasks(cfg.eval, run_dir)  # names checked before a checkpoint is read
+    tasks = Tasks(cfg.eval, run_dir, kv_cache=args.kv_cache)  # names checked first
     trainer, params, corpus, step = load_for_inference(run_dir, args.step, overrides,
                                                        quantize=_quantize(args))
     if corpus is None:
@@ -440,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="e.g. train.eval_steps=100, eval.limit=100, "
                                "eval.include_path=DIR")
     _quantize_flags(evaluate)
+    _kv_cache_flag(evaluate, " (with --tasks: the generation tasks' decoder)")
     evaluate.set_defaults(func=cmd_eval, distributed=True)
 
     gen = commands.add_parser("generate", help="complete prompts with a trained model")
@@ -453,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: no cut")
     gen.add_argument("--seed", type=int, default=0)
     _quantize_flags(gen)
-    gen.add_argument("--kv-cache", choices=("model", "int8"), default="model",
-                     help="keys and values cached in the compute dtype, or int8 with a scale "
-                          "per token and head")
+    _kv_cache_flag(gen)
     gen.set_defaults(func=cmd_generate, distributed=True)
 
     exp = commands.add_parser("export", help="a Hugging Face model folder from a checkpoint")

@@ -120,8 +120,9 @@ class Tasks:
     process calls)."""
 
     def __init__(self, eval_cfg: EvalConfig, run_dir: RunDir | None = None,
-                 names: str | None = None):
-        self.cfg, self.run_dir = eval_cfg, run_dir
+                 names: str | None = None, kv_cache: str = "model"):
+        """`kv_cache`: the generation tasks' decoder cache (`maxgpt.generate`)."""
+        self.cfg, self.run_dir, self.kv_cache = eval_cfg, run_dir, kv_cache
         self.names = task_names(eval_cfg.tasks if names is None else names)
         for key, least in (("batch_size", 1), ("limit", 0), ("tasks_every", 0)):
             if getattr(eval_cfg, key) < least:
@@ -145,7 +146,8 @@ class Tasks:
         """Score the tasks with `params` (of `step`); on process 0 the metrics row (and the
         results written to the run directory), None on the others."""
         if self.scorer is None or self.scorer.trainer is not trainer:
-            self.scorer = Scorer(trainer, params, self.cfg.batch_size, trainer.cfg.train.seed)
+            self.scorer = Scorer(trainer, params, self.cfg.batch_size, trainer.cfg.train.seed,
+                                 self.kv_cache)
         self.scorer.params = params
         loaded, error = None, ""
         if distributed.is_leader():

@@ -103,9 +103,12 @@ def score_batch(tokens: np.ndarray, lengths: np.ndarray, counts: np.ndarray
 class Scorer:
     """The model of a run, its parameters and its mesh, scoring batches of requests."""
 
-    def __init__(self, trainer, params, batch_size: int, seed: int = 0):
-        """`params`: the train state's (trainer.natural_params puts them in depth order)."""
+    def __init__(self, trainer, params, batch_size: int, seed: int = 0,
+                 kv_cache: str = "model"):
+        """`params`: the train state's (trainer.natural_params puts them in depth order);
+        `kv_cache`: generate's cache kind (model | int8)."""
         cfg = trainer.cfg
+        self.kv_cache = kv_cache
         self.trainer, self.model_cfg = trainer, cfg.model
         self.params = trainer.natural_params(params)
         self.seq_len = cfg.train.seq_len
@@ -237,4 +240,4 @@ class Scorer:
         with jax.set_mesh(self.trainer.mesh):
             return generate(self.trainer.graphdef, self.params, self.model_cfg, prompts,
                             max_new_tokens=max_new, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, prompt_slots=P)
+                            top_p=top_p, seed=seed, prompt_slots=P, kv_cache=self.kv_cache)

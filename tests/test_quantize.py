@@ -4,6 +4,8 @@ References are independent of qwix: numpy rounding with absmax scales for the do
 float model for training and evaluation.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,6 +274,41 @@ def test_int8_greedy_text_equals_full_precision(trained):
                                               ids, max_new_tokens=12, temperature=0,
                                               kv_cache="int8")
     assert rows[None] == rows[("int8", 0)] == rows["int8 cache"]
+
+
+def test_generation_tasks_decode_with_the_quantized_weights_and_int8_cache(trained, capsys,
+                                                                          monkeypatch):
+    """`maxgpt eval --tasks` (lm-eval's generate_until) with `--quantize int8 --kv-cache
+    int8`: its decoder is given the int8 cache, and on the trained model continues every
+    prompt as the float model with the float cache does."""
+    pytest.importorskip("lm_eval", reason="needs the [eval] extra")
+    from maxgpt import cli, scoring
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    calls, original = [], scoring.generate
+
+    def recorded(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((kwargs["kv_cache"], out))
+        return out
+
+    monkeypatch.setattr(scoring, "generate", recorded)
+    scores = {}
+    for flags in ([], ["--quantize", "int8", "--kv-cache", "int8"]):
+        calls.clear()
+        assert cli.main(["eval", "--run-dir", str(trained), "--tasks", "maxgpt_tiny_gen",
+                         "eval.include_path=tests/lm_eval_tasks", *flags]) == 0
+        scores[bool(flags)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert calls and {kind for kind, _ in calls} == {"int8" if flags else "model"}
+        texts = [out for _, out in calls]
+        if not flags:
+            plain = texts
+    assert texts == plain and scores[True] == scores[False]
+    assert sum(len(row) for out in plain for row in out) > 8  # tokens were generated
+    # held-out loss reads no cache: the flag is refused there
+    assert cli.main(["eval", "--run-dir", str(trained), "--kv-cache", "int8"]) == 2
+    assert "--kv-cache is for generation" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [
