@@ -117,6 +117,14 @@ def train_step_times(python: str, shape: dict, steps: int) -> dict:
         "dtype": shape["dtype"], "weight_dtype": "float32", "matmul_precision": "default",
         "attention": "dot_product", "opt_type": "adamw", **_REMAT[shape["remat"]],
     }
+    if shape.get("num_experts", 0) > 1:  # Mixtral's decoder: every MLP a mixture of experts
+        settings.update({
+            "decoder_block": "mixtral", "num_experts": str(shape["num_experts"]),
+            "num_experts_per_tok": str(shape["experts_per_token"]),
+            # dropless: tokens sorted by expert and a grouped matmul (on CPU jax's ragged_dot,
+            # megablox being a TPU kernel); the load-balancing loss of maxgpt's default
+            "sparse_matmul": "true", "megablox": "false", "capacity_factor": "-1",
+            "load_balance_loss_weight": "0.01"})
     version, base_yml = _probe(python)
     command, output, _ = _run(python, base_yml, "maxtext.trainers.pre_train.train", settings)
     logged = {int(step): float(sec) for step, sec in _STEP.findall(output)}
@@ -131,17 +139,17 @@ def train_step_times(python: str, shape: dict, steps: int) -> dict:
 
 
 def aot_memory(python: str, model_name: str, topology: str, per_device_batch: int,
-               seq_len: int, remat: str, attention: str) -> dict:
+               seq_len: int, remat: str, attention: str, **extra: str) -> dict:
     """Compile MaxText's train step for `model_name` (one of its presets, e.g. llama3-8b) on one
     slice of `topology` (e.g. v5p-8) with bf16 compute, fp32 weights and optimizer state, FSDP
     over every chip, and return the compiled per-device memory. `attention` is MaxText's name:
-    dot_product, flash, or autoselected (flash on TPU)."""
+    dot_product, flash, or autoselected (flash on TPU). `extra`: further MaxText settings."""
     settings = {
         "run_name": "maxgpt_side_aot", **_QUIET, "compile_topology": topology,
         "compile_topology_num_slices": "1", "model_name": model_name,
         "per_device_batch_size": str(per_device_batch), "max_target_length": str(seq_len),
         "dtype": "bfloat16", "weight_dtype": "float32", "ici_fsdp_parallelism": "-1",
-        "attention": attention, **_REMAT[remat],
+        "attention": attention, **_REMAT[remat], **extra,
     }
     _, base_yml = _probe(python)
     command, output, seconds = _run(python, base_yml, "maxtext.trainers.pre_train.train_compile",

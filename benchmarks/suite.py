@@ -2,9 +2,10 @@
 
     python benchmarks/suite.py [--quick] [--only train,memory,...] [--no-write]
 
-Sections: train, memory, compile, data, checkpoint, decode (this machine, one device), maxtext
-(MaxText at the same shape, when MAXTEXT_PYTHON names a python with maxtext: maxtext_side.py),
-aot (llama3-8b compiled for v5p-8, both stacks), pipeline (mesh.stage on 8 simulated CPU
+Sections: train, memory, compile, data, checkpoint, decode, moe (this machine, one device),
+maxtext and maxtext_moe (MaxText at the dense and MoE shapes, when MAXTEXT_PYTHON names a
+python with maxtext: maxtext_side.py), aot and aot_moe (llama3-8b for v5p-8 and mixtral-8x7b
+for v5p-32, both stacks), pipeline (mesh.stage on 8 simulated CPU
 devices) and context (llama3-8b at 32k-128k tokens on v5p-16 with mesh.context=8). Each
 reuses its script's measuring function; a failing section reads "not run: <reason>". The
 rows go to benchmarks/results/ as JSON and, from a run of all sections, into
@@ -31,6 +32,7 @@ import jax
 import checkpoint_io  # benchmarks/ is on sys.path when run as a script
 import context_memory
 import decode_throughput
+import moe_throughput
 import pipeline_steps
 import train_throughput
 from data_throughput import pipeline_tokens_per_sec
@@ -51,6 +53,7 @@ MEMORY = {"bench-cpu": (BENCH, []),  # configs whose compiled train step's memor
 LLAMA_CONFIG = "configs/models/llama3-8b.yaml"
 LLAMA = ["mesh.data=1", "mesh.fsdp=-1", "train.batch_size=4", "train.seq_len=8192",
          "model.remat=full"]
+MIXTRAL_CONFIG = "configs/models/mixtral-8x7b.yaml"
 
 
 def machine() -> str:
@@ -260,14 +263,89 @@ def maxtext(quick: bool, ctx: dict):
         f"unrolled, its first steps dropped) for {steps} logged steps; medians of all steps.")
 
 
-def maxgpt_compile(overrides: list[str], libtpu: str | None) -> dict:
-    """`maxgpt compile --json` of llama3-8b for v5p-8 in a fresh process, with the libtpu.so
-    at `libtpu` (TPU_LIBRARY_PATH) or this environment's when None."""
+def moe(quick: bool, ctx: dict):
+    r = moe_throughput.measure(3 if quick else 8)
+    cfg = load_config(BENCH, [*moe_throughput.SHAPE, *moe_throughput.MODELS["dense"]])
+    where = train_shape(cfg) + "; MoE: 8 experts x 1024, top-2 (equal active parameters)"
+    names = {"dense": "dense, MLP 2048", "moe_dropless": "MoE dropless",
+             "moe_capacity": "MoE capacity 1.25"}
+    dense = r["models"]["dense"]["median_step_s"]
+    return [row(names[name], where, f"step {m['median_step_s']:.2f} s, "
+                f"{m['tokens_per_sec']:,.0f} tokens/s, x{m['median_step_s'] / dense:.2f} the "
+                f"dense step", **m) for name, m in r["models"].items()], (
+        f"moe_throughput.py: the three train steps compiled and warmed up, then "
+        f"{r['rounds']} rounds of one timed step each, in turns; medians; routing statistics "
+        f"and the balance loss included.")
+
+
+def maxtext_moe(quick: bool, ctx: dict):
+    side, python, version = maxtext_side()
+    cfg = load_config(BENCH, [*moe_throughput.SHAPE, *moe_throughput.MODELS["moe_dropless"]])
+    m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
+    spec = {"vocab_size": m.vocab_size, "embed_dim": m.embed_dim, "num_layers": m.num_layers,
+            "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "mlp_dim": m.mlp_dim,
+            "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+            "dtype": "float32", "remat": "none", "num_experts": m.num_experts,
+            "experts_per_token": m.experts_per_token}
+    rounds, steps = (1, 2) if quick else (2, 3)
+    one_step, ours, theirs = train_throughput.step_timer(cfg), [], []
+    for _ in range(rounds):
+        ours += [one_step() for _ in range(steps)]
+        info = side.train_step_times(python, spec, steps)
+        theirs += info["step_seconds"]
+    mine, other = statistics.median(ours), statistics.median(theirs)
+    where = train_shape(cfg) + "; 8 experts x 1024, top-2, dropless"
+    return [row("maxgpt", where, f"step {mine:.2f} s, {tokens / mine:,.0f} tokens/s = "
+                f"{other / mine:.2f}x MaxText's", step_seconds=ours),
+            row(f"MaxText {version}", where, f"step {other:.2f} s, {tokens / other:,.0f} "
+                f"tokens/s", step_seconds=theirs, command=info["command"],
+                versions={"maxtext": version})], (
+        f"As for maxtext, with Mixtral's decoder on MaxText's side (maxtext_side."
+        f"train_step_times with num_experts: sparse_matmul, megablox off on CPU, i.e. jax's "
+        f"ragged_dot; capacity_factor -1, dropless; load-balance loss weight 0.01 as "
+        f"maxgpt's default); {rounds} rounds of {steps} steps each; medians.")
+
+
+def aot_moe(quick: bool, ctx: dict):
+    side, python, version = maxtext_side()
+    libtpu_version, libtpu = side.libtpu_of(python)
+    overrides = ["mesh.data=1", "mesh.fsdp=-1", "train.batch_size=16", "train.seq_len=4096",
+                 "model.remat=full"]
+    cfg = load_config(MIXTRAL_CONFIG, overrides)
+    where = train_shape(cfg) + ", v5p-32 (16 chips), FSDP 16"
+    r = maxgpt_compile(overrides, libtpu, MIXTRAL_CONFIG, "v5p-32")
+    rows = [memory_row(
+        "maxgpt, ragged_dot", where, r["argument_bytes"], r["output_bytes"], r["alias_bytes"],
+        r["temp_bytes"], f"; libtpu {libtpu_version}; compile {r['compile_s']:.0f} s",
+        versions={"libtpu": libtpu_version}, compile_s=r["compile_s"], command=r["command"])]
+    t = side.aot_memory(python, "mixtral-8x7b", "v5p-32", per_device_batch=1, seq_len=4096,
+                        remat="full", attention="flash", megablox="true",
+                        sparse_matmul="true", capacity_factor="-1")
+    ratio = rows[-1]["data"]["total_bytes"] / t["bytes_per_device"]
+    rows.append(memory_row(
+        f"MaxText {version}, megablox", where, t["arguments"], t["outputs"], t["aliased"],
+        t["temporaries"], f"; libtpu {libtpu_version}; process {t['compile_seconds']:.0f} s; "
+        f"maxgpt / MaxText {ratio:.3f}", versions={"maxtext": version,
+                                                   "libtpu": libtpu_version},
+        compile_s=t["compile_seconds"], command=t["command"]))
+    return rows, ("As for aot, for mixtral-8x7b on v5p-32: `maxgpt compile` (dropless "
+                  "experts through jax.lax.ragged_dot, splash attention) and MaxText's "
+                  "train_compile of its mixtral-8x7b preset (megablox grouped matmul, "
+                  "sparse_matmul, dropless, flash attention); full remat, bf16 compute, fp32 "
+                  "weights and AdamW, FSDP over the 16 chips, 1 x 4096 tokens per chip, the "
+                  "same libtpu.")
+
+
+def maxgpt_compile(overrides: list[str], libtpu: str | None, config: str = LLAMA_CONFIG,
+                   topology: str = "v5p-8") -> dict:
+    """`maxgpt compile --json` of `config` (llama3-8b) for `topology` (v5p-8) in a fresh
+    process, with the libtpu.so at `libtpu` (TPU_LIBRARY_PATH) or this environment's when
+    None."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if libtpu:
         env["TPU_LIBRARY_PATH"] = libtpu
-    command = [sys.executable, "-m", "maxgpt", "compile", "--config", LLAMA_CONFIG,
-               "--topology", "v5p-8", "--json", *overrides]
+    command = [sys.executable, "-m", "maxgpt", "compile", "--config", config,
+               "--topology", topology, "--json", *overrides]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 3):  # 3: compiled, does not fit
         raise RuntimeError(f"maxgpt compile exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -367,7 +445,8 @@ def not_run(case: str, error: Exception) -> dict:
 
 
 SECTIONS = {"train": train, "memory": memory, "compile": compile_time, "data": data,
-            "checkpoint": checkpoint, "decode": decode, "maxtext": maxtext, "aot": aot,
+            "checkpoint": checkpoint, "decode": decode, "moe": moe, "maxtext": maxtext,
+            "maxtext_moe": maxtext_moe, "aot": aot, "aot_moe": aot_moe,
             "pipeline": pipeline_section, "context": context_section}
 
 

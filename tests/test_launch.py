@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from maxgpt import cli, loop, train
+from maxgpt import cli, loop, quantize, train
 from maxgpt.config import load_config
 from maxgpt.storage import as_path
 from tests.conftest import REPO
@@ -99,10 +99,12 @@ def test_two_processes_stopped_and_resumed_on_one_equal_one_process(one_process,
         [r["eval_loss"] for r in reference if "eval_loss" in r], rtol=2e-5)
 
 
-def test_two_processes_on_a_bucket_restarted_by_the_same_command(one_process, bucket):
+def test_two_processes_on_a_bucket_restarted_by_the_same_command(one_process, bucket,
+                                                                    capsys):
     """2 processes x 4 devices on a gs:// run dir, saving on a timer (every_minutes tiny: a
     save every other step, decided by all processes together), stopped by SIGTERM and
-    started again by the very same command: the losses of one process throughout."""
+    started again by the very same command: the losses of one process throughout. Then
+    int8 weights for evaluation, saved to the bucket by both processes."""
     run_dir = as_path(bucket)
     timed = "checkpoint.every_minutes=1e-9"
     step = stop_after_some_steps(start_two(run_dir, timed), run_dir)
@@ -112,6 +114,23 @@ def test_two_processes_on_a_bucket_restarted_by_the_same_command(one_process, bu
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())
     assert saved[-1] == 40 and len(saved) == 3  # checkpoint.keep=3, the newest: timed saves
     assert all(s % 10 for s in saved[:-1])  # ... between the every-10-steps ones
+
+    # int8 weights for evaluation: quantized and saved to the bucket by the two processes
+    # together, then read back (not quantized again) by one process: the same eval loss
+    two = subprocess.run([*LAUNCH, "--processes", "2", "--devices-per-process", "4", "--",
+                          sys.executable, "-m", "maxgpt", "eval", "--run-dir", bucket,
+                          "--quantize", "int8"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    [line] = [x for x in two.stdout.splitlines() if x.startswith("[0] {")]
+    saved = run_dir / "quantized" / "step-40-int8-g0"
+    assert saved.is_dir() and list(saved.iterdir())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize, "quantize_weights", None)  # reading them must not quantize
+        assert cli.main(["eval", "--run-dir", bucket, "--quantize", "int8"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(line[len("[0] "):])["eval_loss"] == pytest.approx(one["eval_loss"],
+                                                                         rel=1e-5)
 
 
 def test_processes_that_do_not_share_the_run_dir_stop_at_once(tmp_path):

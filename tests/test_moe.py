@@ -18,7 +18,8 @@ from maxgpt.config import load_config
 from maxgpt.flops import matmul_params_per_token
 from maxgpt.metrics import format_row
 from maxgpt.model import Transformer
-from maxgpt.model.moe import MoE, capacity, grouped_matmul, routing_stats
+from maxgpt.model.moe import (MoE, capacity, expert_groups, from_groups, grouped_dot,
+                              routing_stats, to_groups)
 from tests import reference as ref
 from tests.conftest import REPO, make_config
 from tests.test_model import close, packed_batch, randomized
@@ -223,28 +224,31 @@ def test_flops_count_the_active_experts_only():
 
 
 @pytest.mark.parametrize("tiled", [True, False])
-def test_grouped_matmul_equals_a_loop_over_groups(tiled):
+def test_grouped_dot_equals_a_loop_over_rows(tiled):
+    """Rows in any order, grouped by expert (tiles of CPU_EXPERT_TILE on CPU; packed for
+    ragged_dot elsewhere), multiplied by their expert's weights and put back in order: each
+    row times its own expert's matrix, zero for rows in no group; the gradients (gathers
+    both ways, `move_rows`) equal those of that loop."""
     rng = np.random.default_rng(0)
-    sizes = np.array([5, 0, 9, 3])  # an empty group; 3 unused rows at the end
+    ids = np.array([2, 0, 4, 2, 2, 3, 0, 4, 2, 0, 0, 2, 3, 4, 2, 2, 0, 2, 4, 0])  # 4: none
     x = rng.normal(size=(20, 6)).astype(np.float32)
-    w = rng.normal(size=(4, 6, 7)).astype(np.float32)
-    expected = np.zeros((20, 7))
-    start = 0
-    for e, n in enumerate(sizes):
-        expected[start:start + n] = ref.f64(x[start:start + n]) @ ref.f64(w[e])
-        start += n
-    got = grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32), tiled)
-    close(got, expected, 1e-5)
-    # and its gradients equal those of the same loop written in jax
-    def loop(x, w):
-        return jnp.concatenate([x[a:a + n] @ w[e] for e, (a, n) in
-                                enumerate(zip(np.cumsum(sizes) - sizes, sizes))])
+    w = rng.normal(size=(4, 6, 7)).astype(np.float32)  # expert 1 gets no rows
+    expected = np.stack([ref.f64(x[i]) @ ref.f64(w[e]) if e < 4 else np.zeros(7)
+                         for i, e in enumerate(ids)])
 
-    r = rng.normal(size=(17, 7)).astype(np.float32)
-    ours = jax.grad(lambda x, w: (grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), tiled)[
-        :17] * r).sum(), (0, 1))(jnp.asarray(x), jnp.asarray(w))
-    want = jax.grad(lambda x, w: (loop(x, w) * r).sum(), (0, 1))(jnp.asarray(x), jnp.asarray(w))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, want)
+    def ours(x, w):
+        g = expert_groups(jnp.asarray(ids, jnp.int32), 4, tiled)
+        return from_groups(grouped_dot(to_groups(x, g), w, g), g)
+
+    def loop(x, w):
+        return jnp.stack([x[i] @ w[e] if e < 4 else jnp.zeros(7) for i, e in enumerate(ids)])
+
+    close(jax.jit(ours)(jnp.asarray(x), jnp.asarray(w)), expected, 1e-5)
+    r = jnp.asarray(rng.normal(size=(20, 7)).astype(np.float32))
+    got, want = (jax.grad(lambda x, w: (f(x, w) * r).sum(), (0, 1))(jnp.asarray(x),
+                                                                    jnp.asarray(w))
+                 for f in (jax.jit(ours), loop))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
 def test_moe_checkpoint_resumes_on_another_expert_mesh(tmp_path):

@@ -11,11 +11,13 @@ It takes the MLP's place in the layers `ModelConfig.moe_layers()` names. For a t
 
 Dispatch, `model.moe_dispatch`:
 
-- `dropless`: every assignment is computed. Assignments are sorted by expert and each
-  expert's rows are multiplied at once by a grouped matmul (`grouped_matmul`).
+- `dropless`: every assignment is computed. Assignments are grouped by expert
+  (`expert_groups`) and each expert's rows multiplied by its weights (`grouped_dot`: TPU and
+  GPU `ragged_dot`, CPU one tile of rows at a time).
 - `capacity`: each expert takes at most C = ceil(capacity_factor * T * k / E) assignments of
   each sequence (row), first choices before second choices and earlier tokens before later
   ones; the rest are dropped (the token keeps its residual and shared experts) and counted.
+  Each expert multiplies its (rows x C) buffer at once.
   Capacity is per row, so what is dropped depends neither on the mesh nor on microbatching
   (except under context parallelism, where each device dispatches its part of every row
   and the capacity applies to that part).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,30 +94,71 @@ def _activate(h: jax.Array, gate: jax.Array | None) -> jax.Array:
     return jax.nn.gelu(h, approximate=True) if gate is None else jax.nn.silu(gate) * h
 
 
+def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def move_rows(x: jax.Array, to: jax.Array, back: jax.Array) -> jax.Array:
+    """Rows of x (M, ...) rearranged by a one-to-one map: out[s] = x[to[s]] (zero where
+    to[s] >= M); `back` is the map the other way, back[i] the row of out that x[i] went to
+    (>= len(to): none). Forward and backward are both gathers: a gather's own gradient is a
+    scatter-add, which XLA:CPU runs row after row."""
+    return _take_rows(x, to)
+
+
+def _move_fwd(x, to, back):
+    return _take_rows(x, to), (to, back)
+
+
+def _move_bwd(residuals, g):
+    to, back = residuals
+    return _take_rows(g, back), None, None
+
+
+move_rows.defvjp(_move_fwd, _move_bwd)
+
+
+def inverse(slot: jax.Array, size: int) -> jax.Array:
+    """A one-to-one map of rows to `size` slots (slot >= size: nowhere), turned around: for
+    each slot the row that lands there, len(slot) where none does."""
+    rows = slot.shape[0]
+    return jnp.full((size,), rows, jnp.int32).at[slot].set(jnp.arange(rows, dtype=jnp.int32),
+                                                            mode="drop")
+
+
+def _ranks(ids: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
+    """For rows with group ids (>= groups: none), each row's place among the earlier rows of
+    its group, and the rows per group."""
+    onehot = jax.nn.one_hot(ids, groups, dtype=jnp.int32)  # a row in no group: all zero
+    return (jnp.cumsum(onehot, axis=0) * onehot).sum(-1) - 1, onehot.sum(0)
+
+
 def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, ep_axis,
                        tp_axis, quant):
     """Rows of tokens x (B, T, D) through their experts with per-row capacity.
     Returns (y (B, T, D) fp32, dropped assignments per row (B, 1))."""
     B, T, D = x.shape
     k, E, C = experts.shape[-1], num_experts, capacity
-    rows = jnp.arange(B)[:, None]
     # Assignments in priority order, first choices of the whole row before second choices.
     a = jnp.where(valid[..., None], experts, E).swapaxes(1, 2).reshape(B, k * T)
-    onehot = jax.nn.one_hot(a, E, dtype=jnp.int32)  # the not-routed sentinel E: all zero
-    pos = (jnp.cumsum(onehot, axis=1) * onehot).sum(-1) - 1  # place in its expert's queue
+    pos = jax.vmap(lambda ids: _ranks(ids, E)[0])(a)  # place in its expert's queue
     keep = (pos >= 0) & (pos < C)
-    e_idx, p_idx = jnp.where(keep, a, E), jnp.where(keep, pos, 0)  # E: dropped by the scatter
-    token = jnp.tile(jnp.arange(T), k)
-    buf = jnp.zeros((B, E, C, D), x.dtype).at[rows, e_idx, p_idx].set(x[:, token], mode="drop")
-    if ep_axis:  # (B, E, C, D) -> (ep * B, E / ep, C, D): every source's rows, local experts
-        buf = jax.lax.all_to_all(buf, ep_axis, split_axis=1, concat_axis=0, tiled=True)
-    def experts_dot(h, weight, axis=None):  # (B, E, C, d) x (E, d, f) -> (B, E, C, f)
+    # the buffer expert-major, (E, B, C, D): each expert's rows together
+    slot = jnp.where(keep, (a * B + jnp.arange(B)[:, None]) * C + pos, E * B * C).reshape(-1)
+    back = inverse(slot, E * B * C)
+    rows = jnp.broadcast_to(x[:, None], (B, k, T, D)).reshape(B * k * T, D)
+    buf = move_rows(rows, back, slot).reshape(E, B, C, D)
+    if ep_axis:  # (E, B, C, D) -> (E / ep, ep * B, C, D): its experts' rows from every device
+        buf = jax.lax.all_to_all(buf, ep_axis, split_axis=0, concat_axis=1, tiled=True)
+
+    def experts_dot(h, weight, axis=None):  # (E, B, C, d) x (E, d, f) -> (E, B, C, f)
+        e, b, c, d = h.shape
         weight = quantize.weight(weight, x.dtype)
-        if quant == "none":
-            return jnp.einsum("becd,edf->becf", h, weight)
-        b, e, c, d = h.shape
-        out = quantize.batched_dot(h.swapaxes(0, 1).reshape(e, b * c, d), weight, quant, axis)
-        return out.reshape(e, b, c, -1).swapaxes(0, 1)
+        h = h.reshape(e, b * c, d)
+        out = (_tiles_dot(h, weight, jnp.arange(e), e) if quant == "none" else
+               quantize.batched_dot(h, weight, quant, axis))
+        return out.reshape(e, b, c, -1)
 
     h = experts_dot(buf, w["up"])
     gate = None if w["gate"] is None else experts_dot(buf, w["gate"])
@@ -122,93 +166,152 @@ def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, 
     if tp_axis:
         out = jax.lax.psum(out, tp_axis)
     if ep_axis:
-        out = jax.lax.all_to_all(out, ep_axis, split_axis=0, concat_axis=1, tiled=True)
-    got = out[rows, jnp.minimum(e_idx, E - 1), p_idx]  # (B, k*T, D)
-    scale = weights.swapaxes(1, 2).reshape(B, k * T) * keep
-    y = (got.astype(jnp.float32) * scale[..., None]).reshape(B, k, T, D).sum(1)
+        out = jax.lax.all_to_all(out, ep_axis, split_axis=1, concat_axis=0, tiled=True)
+    got = move_rows(out.reshape(E * B * C, D), slot, back)  # (B * k * T, D)
+    scale = weights.swapaxes(1, 2).reshape(B * k * T) * keep.reshape(-1)
+    y = (got.astype(jnp.float32) * scale[:, None]).reshape(B, k, T, D).sum(1)
     return y, ((pos >= 0) & ~keep).sum(-1, keepdims=True)
 
 
 # XLA:CPU runs `jax.lax.ragged_dot` as E dense matmuls over all rows (measured 8x a dense
 # matmul of the same rows at E=8, docs/benchmarks.md). There, rows go in tiles of this many,
-# each tile belonging to one expert, for ~1.1-1.6x instead. Elsewhere ragged_dot is left to
-# the backend (TPU lowers it to a grouped matmul; GPU is unmeasured).
+# each tile belonging to one expert, multiplied one tile at a time (`_tiles_dot`). Elsewhere
+# ragged_dot is left to the backend (TPU lowers it to a grouped matmul; GPU is unmeasured).
 CPU_EXPERT_TILE = 256
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, tiled: bool | None = None,
-                   quant: str = "none", split_axis: str | None = None) -> jax.Array:
-    """Rows x (M, D) sorted by group, `sizes[e]` rows for group e (rows past their sum are
-    unused and give 0), times that group's w[e] (E, D, F) -> (M, F); `quant` int8 | fp8:
-    both operands quantized (maxgpt/quantize.py), with scales over all of D where D is split
-    over mesh axis `split_axis` (tiled only: ragged_dot_qt takes no such hook).
+@jax.custom_vjp
+def _tiles_dot(tiles: jax.Array, w: jax.Array, tile_group: jax.Array,
+               used: jax.Array) -> jax.Array:
+    """Tiles (n, tile, D) of rows, tile i all of group tile_group[i], times that group's
+    w (G, D, F); only the first `used` tiles, the rest left zero. One matmul per tile in a
+    loop of `used` turns: the weights are read where they lie (a batched matmul would copy
+    every tile's weights first, and compute the unused tiles too: measured 1.7x a dense
+    matmul of the same rows, against ~1.1x)."""
+    def body(i, out):
+        return jax.lax.dynamic_update_index_in_dim(out, tiles[i] @ w[tile_group[i]], i, 0)
+    return jax.lax.fori_loop(0, used, body, jnp.zeros(tiles.shape[:2] + w.shape[-1:],
+                                                      jnp.result_type(tiles, w)))
 
-    tiled (default: on CPU): each group's rows start a fresh tile of CPU_EXPERT_TILE rows and
-    every tile is one batched matmul with its group's weights; at most E tiles are extra.
-    """
-    if not (platform() == "cpu" if tiled is None else tiled):
+
+def _tiles_dot_fwd(tiles, w, tile_group, used):
+    return _tiles_dot(tiles, w, tile_group, used), (tiles, w, tile_group, used)
+
+
+def _tiles_dot_bwd(residuals, g):
+    tiles, w, tile_group, used = residuals
+
+    def body(i, grads):
+        d_tiles, d_w = grads
+        e = tile_group[i]
+        d_tiles = jax.lax.dynamic_update_index_in_dim(
+            d_tiles, (g[i] @ w[e].T).astype(tiles.dtype), i, 0)
+        d_w = jax.lax.dynamic_update_index_in_dim(
+            d_w, d_w[e] + jnp.matmul(tiles[i].T, g[i], preferred_element_type=jnp.float32),
+            e, 0)
+        return d_tiles, d_w
+
+    d_tiles, d_w = jax.lax.fori_loop(0, used, body, (jnp.zeros_like(tiles),
+                                                     jnp.zeros(w.shape, jnp.float32)))
+    return d_tiles, d_w.astype(w.dtype), None, None
+
+
+_tiles_dot.defvjp(_tiles_dot_fwd, _tiles_dot_bwd)
+
+
+class Groups(NamedTuple):
+    """Where rows go when grouped by expert (`expert_groups`)."""
+    slot: jax.Array  # (M,) each row's place in the grouped buffer (its length: none)
+    back: jax.Array  # the buffer's rows' sources (`inverse` of slot)
+    sizes: jax.Array  # (G,) rows per group
+    tile_group: jax.Array | None  # tiled: (tiles,) the group of each tile of `tile` rows
+    used: jax.Array | None  # tiled: the tiles that hold rows (the others come after them)
+    tile: int
+
+
+def expert_groups(ids: jax.Array, groups: int, tiled: bool | None = None) -> Groups:
+    """The layout of rows with group ids `ids` (M,) (>= groups: in none) for `grouped_dot`:
+    each group's rows together, in row order. Tiled (default: on CPU), every group starts a
+    fresh tile of CPU_EXPERT_TILE rows (at most G tiles more than the rows need); otherwise
+    packed, for `ragged_dot`."""
+    M = ids.shape[0]
+    tiled = platform() == "cpu" if tiled is None else tiled
+    rank, sizes = _ranks(ids, groups)
+    tile = min(CPU_EXPERT_TILE, -(-M // 8) * 8) if tiled else 1
+    padded = -(-sizes // tile) * tile
+    length = (-(-M // tile) + groups) * tile if tiled else M
+    start = jnp.cumsum(padded) - padded
+    slot = jnp.where(ids < groups, start[jnp.minimum(ids, groups - 1)] + rank, length)
+    tile_group = used = None
+    if tiled:
+        ends = jnp.cumsum(padded // tile)
+        tile_group = jnp.minimum(jnp.searchsorted(ends, jnp.arange(length // tile),
+                                                  side="right"), groups - 1)
+        used = ends[-1]
+    return Groups(slot, inverse(slot, length), sizes.astype(jnp.int32), tile_group, used,
+                  tile)
+
+
+def to_groups(rows: jax.Array, g: Groups) -> jax.Array:
+    """Rows (M, D) into the grouped buffer (unused places zero)."""
+    return move_rows(rows, g.back, g.slot)
+
+
+def from_groups(buf: jax.Array, g: Groups) -> jax.Array:
+    """The grouped buffer back to rows (M, F) in their order (zero for rows in no group)."""
+    return move_rows(buf, g.slot, g.back)
+
+
+def grouped_dot(buf: jax.Array, w: jax.Array, g: Groups, quant: str = "none",
+                split_axis: str | None = None) -> jax.Array:
+    """The grouped buffer (L, D) times each group's w[e] (E, D, F) -> (L, F); `quant` int8 |
+    fp8: both operands quantized (maxgpt/quantize.py), with scales over all of D where D is
+    split over mesh axis `split_axis` (tiled only: ragged_dot_qt takes no such hook)."""
+    if g.tile_group is None:
         if quant != "none":
-            return quantize.ragged_dot(x, w, sizes, quant)
-        return jax.lax.ragged_dot(x, w, sizes)
-    M, D = x.shape
-    E = w.shape[0]
-    tile = min(CPU_EXPERT_TILE, -(-M // 8) * 8)
-    n_tiles = -(-M // tile) + E
-    tiles = (sizes + tile - 1) // tile  # per group
-    first_tile = jnp.cumsum(tiles) - tiles
-    ends = jnp.cumsum(sizes)
-    row = jnp.arange(M)
-    group = jnp.searchsorted(ends, row, side="right")  # E for unused rows
-    g = jnp.minimum(group, E - 1)
-    slot = jnp.where(group < E, first_tile[g] * tile + row - (ends - sizes)[g], n_tiles * tile)
-    buf = jnp.zeros((n_tiles * tile, D), x.dtype).at[slot].set(x, mode="drop")
-    tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(n_tiles),
-                                              side="right"), E - 1)
-    tiles_in = buf.reshape(n_tiles, tile, D)
-    out = (jnp.einsum("tnd,tdf->tnf", tiles_in, w[tile_group]) if quant == "none" else
-           quantize.batched_dot(tiles_in, w[tile_group], quant, split_axis))
-    out = out.reshape(n_tiles * tile, -1)
-    return jnp.where((group < E)[:, None], out[jnp.minimum(slot, n_tiles * tile - 1)], 0)
+            return quantize.ragged_dot(buf, w, g.sizes, quant)
+        return jax.lax.ragged_dot(buf, w, g.sizes)
+    tiles = buf.reshape(-1, g.tile, buf.shape[-1])
+    out = (_tiles_dot(tiles, w, g.tile_group, g.used) if quant == "none" else
+           quantize.batched_dot(tiles, w[g.tile_group], quant, split_axis))
+    return out.reshape(buf.shape[0], -1)
 
 
 def _dropless_dispatch(x, experts, weights, valid, w, *, num_experts, ep, ep_axis, tp_axis,
                        quant):
-    """Tokens x (B, T, D) through all their experts: sorted by expert, grouped matmuls.
+    """Tokens x (B, T, D) through all their experts, grouped by expert for `grouped_dot`.
     Returns (y (B, T, D) fp32, zeros (B, 1): nothing is dropped)."""
     B, T, D = x.shape
     k, E = experts.shape[-1], num_experts
     local = E // ep
     N = B * T * k
     a = jnp.where(valid[..., None], experts, E).reshape(N)  # token-major assignments
-    dest = a // local  # the device holding the expert; ep for padding (not sent)
-    onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
-    pos = (jnp.cumsum(onehot, axis=0) * onehot).sum(-1) - 1  # row in that device's buffer
-    send = jnp.zeros((ep, N, D), x.dtype).at[dest, pos].set(
-        x.reshape(B * T, D)[jnp.arange(N) // k], mode="drop")
-    ids = jnp.full((ep, N), local, jnp.int32).at[dest, pos].set(a % local, mode="drop")
-    if ep_axis:  # buffer i goes to device i; what arrives is one buffer from every device
-        send = jax.lax.all_to_all(send, ep_axis, 0, 0, tiled=True)
-        ids = jax.lax.all_to_all(ids, ep_axis, 0, 0, tiled=True)
-    rows, ids = send.reshape(ep * N, D), ids.reshape(ep * N)
-    order = jnp.argsort(ids, stable=True)  # unused rows (id == local) sort last
-    sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)
-    sorted_rows = rows[order]
+    rows = jnp.broadcast_to(x.reshape(B * T, 1, D), (B * T, k, D)).reshape(N, D)
+    if ep_axis:  # a buffer of N rows for each device, which sends buffer i to device i
+        dest = a // local  # the device holding the expert; ep for padding (not sent)
+        slot = jnp.where(dest < ep, dest * N + _ranks(dest, ep)[0], ep * N)
+        back = inverse(slot, ep * N)
+        send = move_rows(rows, back, slot).reshape(ep, N, D)
+        ids = jnp.full((ep * N,), local, jnp.int32).at[slot].set(a % local, mode="drop")
+        # what arrives is one buffer from every device
+        rows = jax.lax.all_to_all(send, ep_axis, 0, 0, tiled=True).reshape(ep * N, D)
+        a = jax.lax.all_to_all(ids.reshape(ep, N), ep_axis, 0, 0, tiled=True).reshape(-1)
+    g = expert_groups(a, local)
+    buf = to_groups(rows, g)
 
     def grouped(h, weight, split_axis=None):
-        return grouped_matmul(h, quantize.weight(weight, x.dtype), sizes, quant=quant,
-                              split_axis=split_axis)
+        return grouped_dot(h, quantize.weight(weight, x.dtype), g, quant, split_axis)
 
-    gate = None if w["gate"] is None else grouped(sorted_rows, w["gate"])
-    out_sorted = grouped(_activate(grouped(sorted_rows, w["up"]), gate), w["down"], tp_axis)
+    gate = None if w["gate"] is None else grouped(buf, w["gate"])
+    out = grouped(_activate(grouped(buf, w["up"]), gate), w["down"], tp_axis)
     if tp_axis:
-        out_sorted = jax.lax.psum(out_sorted, tp_axis)
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(ep, N, D)
+        out = jax.lax.psum(out, tp_axis)
+    out = from_groups(out, g)  # (ep * N, D), rows in arrival order
     if ep_axis:
-        out = jax.lax.all_to_all(out, ep_axis, 0, 0, tiled=True)
-    sent = dest < ep
-    got = out[jnp.minimum(dest, ep - 1), jnp.where(sent, pos, 0)]  # (N, D)
-    scale = weights.reshape(N) * sent
-    y = (got.astype(jnp.float32) * scale[:, None]).reshape(B, T, k, D).sum(2)
+        out = jax.lax.all_to_all(out.reshape(ep, N, D), ep_axis, 0, 0, tiled=True)
+        out = move_rows(out.reshape(ep * N, D), slot, back)  # (N, D), assignment order
+    # padding's rows went to no expert and came back zero
+    y = (out.astype(jnp.float32) * weights.reshape(N, 1)).reshape(B, T, k, D).sum(2)
     return y, jnp.zeros((B, 1), jnp.int32)
 
 
@@ -245,8 +348,17 @@ class MoE(nnx.Module):
 
     def _dispatch(self, x, experts, weights, valid):
         cfg = self.cfg
-        w = {"up": self.up_proj[...], "down": self.down_proj[...],
-             "gate": None if self.gate_proj is None else self.gate_proj[...]}
+        # in the compute dtype before shard_map: its entry all-gathers FSDP-split weights, and
+        # a float32 copy of every expert would be twice the bytes (quantized weights go as
+        # they are and are dequantized where they are used)
+        def compute(p):
+            if p is None:
+                return None
+            v = p[...]
+            return v if isinstance(v, quantize.QArray) else v.astype(x.dtype)
+
+        w = {"up": compute(self.up_proj), "down": compute(self.down_proj),
+             "gate": compute(self.gate_proj)}
         mesh = jax.sharding.get_abstract_mesh()
         up_spec = (P() if mesh.empty else
                    logical_to_spec(("experts", None, "mlp"), w["up"].shape, mesh))
