@@ -4,9 +4,9 @@
 
 Sections: train, memory, compile, data, checkpoint, decode, moe (this machine, one device),
 maxtext and maxtext_moe (MaxText at the dense and MoE shapes, when MAXTEXT_PYTHON names a
-python with maxtext: maxtext_side.py), aot and aot_moe (llama3-8b for v5p-8 and mixtral-8x7b
-for v5p-32, both stacks), pipeline (mesh.stage on 8 simulated CPU
-devices) and context (llama3-8b at 32k-128k tokens on v5p-16 with mesh.context=8). Each
+python with maxtext: maxtext_side.py), aot, aot_70b and aot_moe (llama3-8b for v5p-8,
+llama3-70b for v5p-64 and mixtral-8x7b for v5p-32, both stacks), pipeline (mesh.stage on 8
+simulated CPU devices) and context (llama3-8b at 32k-128k tokens on v5p-16 with mesh.context=8). Each
 reuses its script's measuring function; a failing section reads "not run: <reason>". The
 rows go to benchmarks/results/ as JSON and, from a run of all sections, into
 docs/benchmarks.md between the suite markers.
@@ -306,28 +306,46 @@ def maxtext_moe(quick: bool, ctx: dict):
         f"maxgpt's default); {rounds} rounds of {steps} steps each; medians.")
 
 
-def aot_moe(quick: bool, ctx: dict):
+def side_by_side_aot(config: str, preset: str, topology: str, chips: int, seq_len: int,
+                     ours: str, theirs: str, **maxtext: str) -> list[dict]:
+    """Rows of `maxgpt compile` of `config` and MaxText's train_compile of `preset` for
+    `topology` with MaxText's libtpu: FSDP over the `chips`, one sequence of `seq_len` per
+    chip, full remat; `ours`/`theirs` name each stack's kernels; `maxtext`: its settings."""
     side, python, version = maxtext_side()
     libtpu_version, libtpu = side.libtpu_of(python)
-    overrides = ["mesh.data=1", "mesh.fsdp=-1", "train.batch_size=16", "train.seq_len=4096",
-                 "model.remat=full"]
-    cfg = load_config(MIXTRAL_CONFIG, overrides)
-    where = train_shape(cfg) + ", v5p-32 (16 chips), FSDP 16"
-    r = maxgpt_compile(overrides, libtpu, MIXTRAL_CONFIG, "v5p-32")
+    overrides = ["mesh.data=1", "mesh.fsdp=-1", f"train.batch_size={chips}",
+                 f"train.seq_len={seq_len}", "model.remat=full"]
+    where = train_shape(load_config(config, overrides)) + f", {topology} ({chips} chips), " \
+        f"FSDP {chips}"
+    r = maxgpt_compile(overrides, libtpu, config, topology)
     rows = [memory_row(
-        "maxgpt, ragged_dot", where, r["argument_bytes"], r["output_bytes"], r["alias_bytes"],
+        f"maxgpt, {ours}", where, r["argument_bytes"], r["output_bytes"], r["alias_bytes"],
         r["temp_bytes"], f"; libtpu {libtpu_version}; compile {r['compile_s']:.0f} s",
         versions={"libtpu": libtpu_version}, compile_s=r["compile_s"], command=r["command"])]
-    t = side.aot_memory(python, "mixtral-8x7b", "v5p-32", per_device_batch=1, seq_len=4096,
-                        remat="full", attention="flash", megablox="true",
-                        sparse_matmul="true", capacity_factor="-1")
+    t = side.aot_memory(python, preset, topology, per_device_batch=1, seq_len=seq_len,
+                        remat="full", attention="flash", **maxtext)
     ratio = rows[-1]["data"]["total_bytes"] / t["bytes_per_device"]
     rows.append(memory_row(
-        f"MaxText {version}, megablox", where, t["arguments"], t["outputs"], t["aliased"],
+        f"MaxText {version}, {theirs}", where, t["arguments"], t["outputs"], t["aliased"],
         t["temporaries"], f"; libtpu {libtpu_version}; process {t['compile_seconds']:.0f} s; "
         f"maxgpt / MaxText {ratio:.3f}", versions={"maxtext": version,
                                                    "libtpu": libtpu_version},
         compile_s=t["compile_seconds"], command=t["command"]))
+    return rows
+
+
+def aot_70b(quick: bool, ctx: dict):
+    rows = side_by_side_aot("configs/models/llama3-70b.yaml", "llama3-70b", "v5p-64", 32,
+                            8192, "splash attention", "flash attention")
+    return rows, ("As for aot, for llama3-70b on v5p-64: full remat, bf16 compute, fp32 "
+                  "weights and AdamW, FSDP over the 32 chips, 1 x 8192 tokens per chip, "
+                  "each stack's TPU attention kernel, the same libtpu.")
+
+
+def aot_moe(quick: bool, ctx: dict):
+    rows = side_by_side_aot(MIXTRAL_CONFIG, "mixtral-8x7b", "v5p-32", 16, 4096, "ragged_dot",
+                            "megablox", megablox="true", sparse_matmul="true",
+                            capacity_factor="-1")
     return rows, ("As for aot, for mixtral-8x7b on v5p-32: `maxgpt compile` (dropless "
                   "experts through jax.lax.ragged_dot, splash attention) and MaxText's "
                   "train_compile of its mixtral-8x7b preset (megablox grouped matmul, "
@@ -446,7 +464,7 @@ def not_run(case: str, error: Exception) -> dict:
 
 SECTIONS = {"train": train, "memory": memory, "compile": compile_time, "data": data,
             "checkpoint": checkpoint, "decode": decode, "moe": moe, "maxtext": maxtext,
-            "maxtext_moe": maxtext_moe, "aot": aot, "aot_moe": aot_moe,
+            "maxtext_moe": maxtext_moe, "aot": aot, "aot_70b": aot_70b, "aot_moe": aot_moe,
             "pipeline": pipeline_section, "context": context_section}
 
 
