@@ -121,6 +121,7 @@ def train_step_times(python: str, shape: dict, steps: int) -> dict:
         settings.update({
             "decoder_block": "mixtral", "num_experts": str(shape["num_experts"]),
             "num_experts_per_tok": str(shape["experts_per_token"]),
+            "base_moe_mlp_dim": str(shape["mlp_dim"]),
             # dropless: tokens sorted by expert and a grouped matmul (on CPU jax's ragged_dot,
             # megablox being a TPU kernel); the load-balancing loss of maxgpt's default
             "sparse_matmul": "true", "megablox": "false", "capacity_factor": "-1",

@@ -158,8 +158,8 @@ def _capacity_dispatch(x, experts, weights, valid, w, *, num_experts, capacity, 
         h = h.reshape(e, b * c, d)
         if quant != "none":
             out = quantize.batched_dot(h, weight, quant, axis)
-        elif platform() == "cpu":  # a loop of matmuls beats XLA:CPU's batched one
-            out = _tiles_dot(h, weight, jnp.arange(e), e)
+        elif platform() == "cpu":  # a matmul per expert beats XLA:CPU's batched one
+            out = jnp.stack([h[i] @ weight[i] for i in range(e)])
         else:
             out = jnp.einsum("end,edf->enf", h, weight)
         return out.reshape(e, b, c, -1)
