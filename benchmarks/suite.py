@@ -237,14 +237,17 @@ def maxtext_side():
     return side, python, version
 
 
-def maxtext(quick: bool, ctx: dict):
+def side_by_side_steps(quick: bool, cfg, where: str) -> tuple[list[dict], int, int]:
+    """Rows of maxgpt's and MaxText's CPU train steps at cfg's shape (fp32, no remat; an MoE
+    model runs Mixtral's decoder on MaxText's side), rounds alternating; (rows, rounds,
+    steps per round)."""
     side, python, version = maxtext_side()
-    cfg = load_config(BENCH, ["mesh.data=1"])
     m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
     spec = {"vocab_size": m.vocab_size, "embed_dim": m.embed_dim, "num_layers": m.num_layers,
             "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "mlp_dim": m.mlp_dim,
             "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-            "dtype": "float32", "remat": "none"}
+            "dtype": "float32", "remat": "none", "num_experts": m.num_experts,
+            "experts_per_token": m.experts_per_token}
     rounds, steps = (1, 2) if quick else (2, 3)
     one_step, ours, theirs = train_throughput.step_timer(cfg), [], []
     for _ in range(rounds):
@@ -252,11 +255,17 @@ def maxtext(quick: bool, ctx: dict):
         info = side.train_step_times(python, spec, steps)
         theirs += info["step_seconds"]
     mine, other = statistics.median(ours), statistics.median(theirs)
-    return [row("maxgpt", train_shape(cfg), f"step {mine:.2f} s, {tokens / mine:,.0f} "
-                f"tokens/s = {other / mine:.2f}x MaxText's", step_seconds=ours),
-            row(f"MaxText {version}", train_shape(cfg), f"step {other:.2f} s, "
-                f"{tokens / other:,.0f} tokens/s", step_seconds=theirs, command=info["command"],
-                versions={"maxtext": version})], (
+    return [row("maxgpt", where, f"step {mine:.2f} s, {tokens / mine:,.0f} tokens/s = "
+                f"{other / mine:.2f}x MaxText's", step_seconds=ours),
+            row(f"MaxText {version}", where, f"step {other:.2f} s, {tokens / other:,.0f} "
+                f"tokens/s", step_seconds=theirs, command=info["command"],
+                versions={"maxtext": version})], rounds, steps
+
+
+def maxtext(quick: bool, ctx: dict):
+    cfg = load_config(BENCH, ["mesh.data=1"])
+    rows, rounds, steps = side_by_side_steps(quick, cfg, train_shape(cfg))
+    return rows, (
         f"Rounds ({rounds}) of {steps} timed steps of maxgpt's compiled, warmed-up step "
         f"(train_throughput.step_timer), then MaxText's own training loop at the same shape "
         f"(maxtext_side.train_step_times: llama2 decoder, fp32, AdamW, synthetic data, layers "
@@ -279,27 +288,10 @@ def moe(quick: bool, ctx: dict):
 
 
 def maxtext_moe(quick: bool, ctx: dict):
-    side, python, version = maxtext_side()
     cfg = load_config(BENCH, [*moe_throughput.SHAPE, *moe_throughput.MODELS["moe_dropless"]])
-    m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
-    spec = {"vocab_size": m.vocab_size, "embed_dim": m.embed_dim, "num_layers": m.num_layers,
-            "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "mlp_dim": m.mlp_dim,
-            "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-            "dtype": "float32", "remat": "none", "num_experts": m.num_experts,
-            "experts_per_token": m.experts_per_token}
-    rounds, steps = (1, 2) if quick else (2, 3)
-    one_step, ours, theirs = train_throughput.step_timer(cfg), [], []
-    for _ in range(rounds):
-        ours += [one_step() for _ in range(steps)]
-        info = side.train_step_times(python, spec, steps)
-        theirs += info["step_seconds"]
-    mine, other = statistics.median(ours), statistics.median(theirs)
-    where = train_shape(cfg) + "; 8 experts x 1024, top-2, dropless"
-    return [row("maxgpt", where, f"step {mine:.2f} s, {tokens / mine:,.0f} tokens/s = "
-                f"{other / mine:.2f}x MaxText's", step_seconds=ours),
-            row(f"MaxText {version}", where, f"step {other:.2f} s, {tokens / other:,.0f} "
-                f"tokens/s", step_seconds=theirs, command=info["command"],
-                versions={"maxtext": version})], (
+    rows, rounds, steps = side_by_side_steps(
+        quick, cfg, train_shape(cfg) + "; 8 experts x 1024, top-2, dropless")
+    return rows, (
         f"As for maxtext, with Mixtral's decoder on MaxText's side (maxtext_side."
         f"train_step_times with num_experts: sparse_matmul, megablox off on CPU, i.e. jax's "
         f"ragged_dot; capacity_factor -1, dropless; load-balance loss weight 0.01 as "
