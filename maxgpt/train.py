@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from maxgpt import pipeline, sharding
 from maxgpt.config import Config, ConfigError
 from maxgpt.data.pipeline import BATCH_KEYS
-from maxgpt.loss import chunk_size, token_losses
+from maxgpt.loss import chunk_size, linear_cross_entropy, pieces, token_losses
 from maxgpt.model import Transformer
 from maxgpt.optim import learning_rate, make_optimizer
 
@@ -128,9 +128,16 @@ def loss_fn(params, graphdef, batch, dropout_key, z_loss: float, moe_balance: fl
         hidden, moe = pipeline.hidden(model, plan, params, *inputs, order, dropout_key)
     weights = (batch["segment_ids"] > 0).astype(jnp.float32)  # segment 0 is padding
     output = model.output_weights()  # gathered once for all the loss's pieces
-    nll, z_sum = token_losses(lambda h: model.logits(h, output), hidden, batch["targets"],
-                              weights, chunk_size(loss_chunk, batch["targets"].shape[1]))
-    objective = nll + z_loss * z_sum
+    chunk = chunk_size(loss_chunk, batch["targets"].shape[1])
+    if model.output_quant == "none" and pieces(batch["targets"].shape[1], chunk) == 1:
+        # the output layer's gradient computed with its loss (maxgpt/loss.py)
+        objective, nll, _ = linear_cross_entropy(
+            model.final_hidden(hidden), output, batch["targets"], weights, z_loss,
+            model.vocab_size)
+    else:
+        nll, z_sum = token_losses(lambda h: model.logits(h, output), hidden,
+                                  batch["targets"], weights, chunk)
+        objective = nll + z_loss * z_sum
     if moe:
         objective += weights.sum() * (moe_balance * moe["balance_loss"] + moe_z * moe["z_loss"])
     return objective, (nll, weights.sum(), moe)

@@ -14,6 +14,7 @@ from flax import nnx
 from maxgpt import loop, train
 from maxgpt.config import ConfigError, load_config
 from maxgpt.data import SyntheticSource
+from maxgpt.loss import linear_cross_entropy
 from maxgpt.optim import decay_mask, learning_rate
 from tests import reference as ref
 from tests.conftest import make_config
@@ -126,23 +127,46 @@ def test_loss_ignores_padding_and_adds_z_loss():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])  # untied and tied output layer
-def test_cross_entropy_in_pieces_equals_the_whole_sequence(preset):
-    """loss_chunk=4 of 16 positions: the same objective, nll and gradients (z-loss and
-    padding included) as the logits of the whole sequence at once."""
+@pytest.mark.parametrize("chunk", [16, 4])
+def test_loss_gradient_equals_autodiff_of_the_whole_logits(preset, chunk):
+    """The training loss over the whole sequence (the output layer's gradient computed in its
+    forward pass, loss.linear_cross_entropy) and in pieces of 4 of 16 positions
+    (recomputed logits, loss.token_losses): the same objective, nll and gradients (z-loss and padding included) as autodiff of the
+    model's logits of the whole sequence, log-softmax written out."""
     graphdef, state, batch = params_and_batch(
         preset, [[1] * 16, [1] * 6 + [2] * 5 + [0] * 5], seed=1)
+    weights = (batch["segment_ids"] > 0).astype(jnp.float32)
 
-    def objective(chunk):
-        grad = jax.jit(jax.grad(lambda p: train.loss_fn(p, graphdef, batch, None, 1e-2,
-                                                        loss_chunk=chunk), has_aux=True))
-        return grad(state["params"])
+    def reference(params):
+        model = nnx.merge(graphdef, params)
+        hidden, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        log_probs = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+        log_z = jax.nn.logsumexp(model.logits(hidden), axis=-1)
+        target = jnp.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+        nll = -(target * weights).sum()
+        return nll + 1e-2 * (log_z**2 * weights).sum(), nll
 
-    whole, (nll, tokens, _) = objective(16)
-    pieces, (nll_pieces, tokens_pieces, _) = objective(4)
-    assert tokens == tokens_pieces == 27
-    np.testing.assert_allclose(nll_pieces, nll, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 pieces, whole)
+    (want, want_nll), want_grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(
+        state["params"])
+    (got, (nll, tokens, _)), grads = jax.jit(jax.value_and_grad(
+        lambda p: train.loss_fn(p, graphdef, batch, None, 1e-2, loss_chunk=chunk),
+        has_aux=True))(state["params"])
+    assert tokens == 27
+    np.testing.assert_allclose(nll, want_nll, rtol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(  # float32 summation order
+        a, b, rtol=1e-5, atol=1e-6 * scale), grads, want_grads)
+
+
+def test_loss_refuses_to_differentiate_its_reported_nll():
+    """linear_cross_entropy computes the gradient of the objective only: asking for the
+    nll's is an error, not a silently wrong gradient."""
+    x = jnp.ones((1, 4, 8))
+    w = jnp.ones((8, 16))
+    targets, weights = jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4))
+    with pytest.raises(NotImplementedError, match="first output only"):
+        jax.grad(lambda x: linear_cross_entropy(x, w, targets, weights, 0.0, 16)[1])(x)
 
 
 def test_cross_entropy_in_pieces_never_holds_the_whole_logits():

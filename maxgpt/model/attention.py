@@ -97,11 +97,33 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     T = q.shape[1]
     cpu = platform() == "cpu"
     block = CPU_QUERY_BLOCK if blocked and cpu and T % CPU_QUERY_BLOCK == 0 else T
+    if block < T:
+        return _blocked_attention(q, k, v, mask, block)
     outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
                                          v[:, :start + block],
                                          mask=mask[:, None, start:start + block, :start + block])
             for start in range(0, T, block)]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _blocked_attention(q, k, v, mask, block: int) -> jax.Array:
+    """causal_attention on CPU: heads-major layout, each block of queries against the keys
+    up to its own end; scores and softmax in fp32."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qt = (q * H**-0.5).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B,K,G,T,H)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, H)
+    outs = []
+    for start in range(0, T, block):
+        end = start + block
+        scores = jnp.einsum("bkgqh,bksh->bkgqs", qt[:, :, :, start:end], kt[:, :, :end],
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None, start:end, :end], scores,
+                           jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgqs,bksh->bkgqh", probs, vt[:, :, :end]))
+    out = jnp.concatenate(outs, axis=3)  # (B, K, G, T, H)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 SPLASH_BLOCK = 512  # query and key block of the splash kernel (or the largest that divides T)

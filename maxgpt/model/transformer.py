@@ -249,11 +249,14 @@ class Transformer(nnx.Module):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # tied: embed.T
         return gathered_output_weights(w.astype(self.dtype))
 
+    def final_hidden(self, x):
+        """The output layer's input: the final norm of hidden states (..., D), if any."""
+        return x if self.final_norm is None else self.final_norm(x)
+
     def logits(self, x, weights: jax.Array | None = None):
         """Final norm and output projection of hidden states (..., D) -> fp32 (..., V);
         `weights`: `output_weights()`, if already at hand."""
-        if self.final_norm is not None:
-            x = self.final_norm(x)
+        x = self.final_hidden(x)
         weights = self.output_weights() if weights is None else weights
         logits = matmul(x, weights, quant=self.output_quant)  # (B, T, V)
         logits = logits.astype(jnp.float32)
