@@ -117,6 +117,14 @@ def test_blocked_causal_attention_matches_naive(window):
     mask = ref.explicit_mask(segments, window)
     got = causal_attention(*(jnp.asarray(a) for a in (q, k, v)), jnp.asarray(mask))
     close(got, ref.attention_core(*(ref.f64(a) for a in (q, k, v)), mask), 1e-5)
+    # gradients: against XLA's attention over the whole (unblocked) mask
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    grads = [jax.grad(lambda *qkv: (attend(*qkv, jnp.asarray(mask)) * cotangent).sum(),
+                      (0, 1, 2))(*(jnp.asarray(a) for a in (q, k, v)))
+             for attend in (causal_attention, lambda q, k, v, m: jax.nn.dot_product_attention(
+                 q, k, v, mask=m[:, None]))]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])

@@ -10,7 +10,7 @@ One code path for every variant:
 - the softmax(QK^T)V itself is one of three kernels (`model.attention`):
   - `xla`: `jax.nn.dot_product_attention`'s XLA implementation with the (B, T, T) mask; it
     materialises the scores. On CPU, causal blocks of 128 queries skip most of the masked
-    triangle (measured in docs/benchmarks.md).
+    triangle, computed as einsums in a heads-major layout (measured in docs/benchmarks.md).
   - `splash`: the Pallas TPU splash attention kernel (flash attention that skips masked
     blocks), with segment ids and the causal or sliding-window mask; no T x T array ever
     exists. Run per device under `shard_map` (batch over the data axes, heads over
