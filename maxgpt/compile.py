@@ -52,6 +52,7 @@ class CompileReport:
     quantized_dots: int | None = 0
     # one device's weights for generate/eval: in model.param_dtype and quantized (weight_bytes)
     weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    remat: str = "none"  # model.remat, for the hint
 
     @property
     def bytes_per_device(self) -> int:
@@ -68,7 +69,7 @@ class CompileReport:
         from maxgpt import sharding
 
         return "" if self.fits else sharding.memory_hint(
-            self.mesh, self.state_bytes, self.temp_bytes, self.hbm_bytes)
+            self.mesh, self.state_bytes, self.temp_bytes, self.hbm_bytes, self.remat)
 
 
 def topology_devices(chip: Chip, chips: int, num_slices: int = 1) -> list:
@@ -116,7 +117,8 @@ def compile_for(cfg: Config, slice_name: str, num_slices: int = 1) -> CompileRep
         devices=len(devices), mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes,
         flops_per_step=flops_per_token(cfg.model, cfg.train.seq_len) * tokens,
         pipeline="" if trainer.schedule is None else trainer.schedule.describe(),
-        state_bytes=state_bytes, weight_bytes=weight_bytes(cfg, trainer.param_shardings))
+        state_bytes=state_bytes, weight_bytes=weight_bytes(cfg, trainer.param_shardings),
+        remat=cfg.model.remat)
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         try:

@@ -111,7 +111,8 @@ def check_memory(compiled, trainer: Trainer) -> None:
             f"({what}); " + sharding.memory_hint(
                 dict(trainer.mesh.shape),
                 sharding.shard_bytes(abstract_state(trainer), trainer.state_shardings),
-                memory.temp_size_in_bytes, have) + " (docs/performance.md)")
+                memory.temp_size_in_bytes, have, trainer.cfg.model.remat)
+            + " (docs/performance.md)")
 
 
 def open_corpus(cfg: Config, run_dir: RunDir | None) -> Corpus | None:

@@ -108,10 +108,10 @@ def shard_bytes(tree, shardings) -> int:
 
 
 def memory_hint(sizes: dict[str, int], state_bytes: int, temp_bytes: int,
-                capacity: int) -> str:
+                capacity: int, remat: str = "none") -> str:
     """What to change, mesh keys first, when a train step needs more than `capacity` bytes
     per device: `state_bytes` are a device's weights and optimizer state, its temporaries
-    mostly activations."""
+    mostly activations; `remat`: the model's model.remat (full is not suggested again)."""
     hints = []
     if state_bytes > min(capacity, temp_bytes) and sizes["data"] > 1:
         hints.append(f"split the weights and optimizer state over the data axis too "
@@ -120,9 +120,10 @@ def memory_hint(sizes: dict[str, int], state_bytes: int, temp_bytes: int,
     if state_bytes > capacity:  # they alone do not fit
         hints.append("use more devices or pipeline stages (mesh.stage)")
     if temp_bytes > capacity / 2 or not hints:
-        hints.append("shrink the activations: model.remat=full, a higher train.microbatches "
-                     "or lower train.batch_size, mesh.context for long sequences, "
-                     "train.loss_chunk")
+        hints.append("shrink the activations: " + ("" if remat == "full" else
+                                                    "model.remat=full, ")
+                     + "a higher train.microbatches or lower train.batch_size, mesh.context "
+                     "for long sequences, train.loss_chunk")
     return "; ".join(hints)
 
 

@@ -110,3 +110,12 @@ def test_embedding_lookup_stays_in_the_table_shards():
     np.testing.assert_array_equal(rows, table[ids])
     np.testing.assert_allclose(grad, jax.ops.segment_sum(
         2 * table[ids].reshape(-1, 64), ids.reshape(-1), 512), rtol=1e-6)
+
+
+def test_memory_hint_does_not_suggest_the_remat_already_in_use():
+    sizes = {"data": 1, "fsdp": 8}
+    GiB = 2**30
+    for remat, suggested in (("none", True), ("dots", True), ("full", False)):
+        hint = sharding.memory_hint(sizes, 10 * GiB, 90 * GiB, 95 * GiB, remat)
+        assert ("model.remat=full" in hint) == suggested, (remat, hint)
+        assert "train.microbatches" in hint
