@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from maxgpt import sharding
+from maxgpt.model.transformer import output_logits
 
 AUTO_CHUNK = 1024
 
@@ -121,11 +122,7 @@ def linear_cross_entropy(x, w, targets, weights, z_loss: float, vocab: int):
 
 
 def _logits(x, w, vocab: int):
-    logits = jnp.einsum("btd,dv->btv", x, w).astype(jnp.float32)
-    logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
-    if w.shape[1] > vocab:  # padding columns: exp() gives exactly 0
-        logits = jnp.where(jnp.arange(w.shape[1]) < vocab, logits, -1e9)
-    return logits
+    return output_logits(jnp.einsum("btd,dv->btv", x, w), vocab)
 
 
 def _fwd(x, w, targets, weights, z_loss, vocab):

@@ -95,15 +95,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     `blocked`: the sequence is in natural order (so on CPU blocks of queries may skip the
     keys after their own)."""
     T = q.shape[1]
-    cpu = platform() == "cpu"
-    block = CPU_QUERY_BLOCK if blocked and cpu and T % CPU_QUERY_BLOCK == 0 else T
-    if block < T:
-        return _blocked_attention(q, k, v, mask, block)
-    outs = [jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
-                                         v[:, :start + block],
-                                         mask=mask[:, None, start:start + block, :start + block])
-            for start in range(0, T, block)]
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    if blocked and platform() == "cpu" and T % CPU_QUERY_BLOCK == 0 and T > CPU_QUERY_BLOCK:
+        return _blocked_attention(q, k, v, mask, CPU_QUERY_BLOCK)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
 def _blocked_attention(q, k, v, mask, block: int) -> jax.Array:

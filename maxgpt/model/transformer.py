@@ -86,6 +86,16 @@ def _gathered_bwd(_, g):
 gathered_output_weights.defvjp(_gathered_fwd, _gathered_bwd)
 
 
+def output_logits(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """The output projection's result (..., V) as the model's logits: fp32, the padding
+    columns from `vocab_size` on masked (a finite mask: exp() gives exactly 0, no NaN),
+    laid out (batch, seq, vocab)."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] > vocab_size:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -1e9)
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
         self.attn_norm = Norm(cfg, rngs)
@@ -258,11 +268,7 @@ class Transformer(nnx.Module):
         `weights`: `output_weights()`, if already at hand."""
         x = self.final_hidden(x)
         weights = self.output_weights() if weights is None else weights
-        logits = matmul(x, weights, quant=self.output_quant)  # (B, T, V)
-        logits = logits.astype(jnp.float32)
-        if logits.shape[-1] > self.vocab_size:  # a finite mask: exp() gives exactly 0, no NaN
-            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -1e9)
-        return constrain(logits, ("batch", "seq", "vocab"))
+        return output_logits(matmul(x, weights, quant=self.output_quant), self.vocab_size)
 
     @property
     def stacks(self) -> tuple[str, ...]:
